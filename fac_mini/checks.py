@@ -1,0 +1,156 @@
+"""Self-checks for the notebooks' exercises, in the spirit of nn-zero-to-hero's ``cmp()``.
+
+Every exercise in ``notebooks/`` is followed by a cell ``check_<name>(your_function)``. The check runs your
+function and the course's reference on the same seeded inputs and prints one line per verdict: exact match,
+close match (with the largest difference), or a failure with a hint. It never raises, so the notebook goes on.
+
+``check_*`` functions print and return ``None`` (a returned value would be echoed under the cell, and nbval runs
+cells without IPython's history, so a trailing ``;`` does not hide it); :func:`run_check` returns pass/fail.
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["compare", "run_check", "check_speech_tokens", "check_kv_cache_bytes"]
+
+
+def compare(student: Any, reference: Any, atol: float = 1e-6, rtol: float = 1e-5) -> tuple[bool, str]:
+    """Compare two results (numbers, arrays, tensors, or tuples/lists of them): (ok, how they compare)."""
+    if isinstance(reference, (tuple, list)):
+        if not isinstance(student, (tuple, list)) or len(student) != len(reference):
+            return False, f"expected a sequence of {len(reference)} items, got {type(student).__name__}"
+        for index, (got, want) in enumerate(zip(student, reference)):
+            ok, how = compare(got, want, atol, rtol)
+            if not ok:
+                return False, f"item {index}: {how}"
+        return True, "all items match"
+    if isinstance(reference, (torch.Tensor, np.ndarray)):
+        want = torch.as_tensor(np.asarray(reference) if isinstance(reference, np.ndarray) else reference)
+        try:
+            got = torch.as_tensor(student if not isinstance(student, np.ndarray) else np.asarray(student))
+        except Exception:
+            return False, f"expected a tensor, got {type(student).__name__}"
+        if tuple(got.shape) != tuple(want.shape):
+            return False, f"shape {tuple(got.shape)} but expected {tuple(want.shape)}"
+        if torch.equal(got.to(want.dtype), want):
+            return True, "exact"
+        diff = (got.double() - want.double()).abs().max().item()
+        close = torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol)
+        return close, f"{'close' if close else 'different'}: max abs diff {diff:.2e}"
+    if isinstance(reference, bool) or isinstance(reference, (int, np.integer)):
+        return (student == reference), ("exact" if student == reference else f"got {student!r}, expected {reference!r}")
+    if isinstance(reference, (float, np.floating)):
+        if not isinstance(student, (int, float, np.integer, np.floating)):
+            return False, f"expected a number, got {type(student).__name__}"
+        close = math.isclose(float(student), float(reference), rel_tol=rtol, abs_tol=atol)
+        return close, (f"close (diff {abs(float(student) - float(reference)):.2e})" if close
+                       else f"got {float(student):.6g}, expected {float(reference):.6g}")
+    return student == reference, ("exact" if student == reference else f"got {student!r}, expected {reference!r}")
+
+
+def run_check(name: str, student_fn: Callable, reference_fn: Callable, cases: Iterable[tuple],
+              hint: str = "", atol: float = 1e-6, rtol: float = 1e-5) -> bool:
+    """Call both functions on every case (a tuple of positional arguments); print a verdict; return pass/fail."""
+    cases = list(cases)
+    for index, args in enumerate(cases):
+        expected = reference_fn(*args)
+        try:
+            got = student_fn(*args)
+        except NotImplementedError:
+            print(f"[todo] {name}: not implemented yet - write your code in the exercise cell above.")
+            return False
+        except Exception as error:  # show the learner's own error, briefly
+            last = traceback.format_exception_only(type(error), error)[-1].strip()
+            print(f"[fail] {name}: case {index + 1} {_describe(args)} raised {last}.\n       Hint: {hint}")
+            return False
+        ok, how = compare(got, expected, atol, rtol)
+        if not ok:
+            print(f"[fail] {name}: case {index + 1} {_describe(args)}: {how}.\n       Hint: {hint}")
+            return False
+    print(f"[pass] {name}: all {len(cases)} cases match the reference.")
+    return True
+
+
+def _describe(args: tuple) -> str:
+    parts = []
+    for arg in args:
+        if isinstance(arg, (torch.Tensor, np.ndarray)):
+            parts.append(f"array{tuple(arg.shape)}")
+        else:
+            parts.append(repr(arg))
+    return "(" + ", ".join(parts) + ")"
+
+
+# --- notebook 01: the resolution mismatch ----------------------------------------------------------------
+def check_speech_tokens(student_fn: Callable) -> None:
+    """Exercise 01.1: tokens the LLM sees for ``duration_s`` of speech at ``frame_rate_hz``, grouped by ``group_size``."""
+    from .cost import speech_tokens
+
+    rng = np.random.default_rng(1)
+    cases = [(360.0, 25.0, 1), (360.0, 25.0, 5), (2.5, 25.0, 5), (0.04, 25.0, 5), (10.0, 12.5, 1)]
+    cases += [(float(round(rng.uniform(0.1, 400), 3)), float(rng.choice([12.5, 25.0, 50.0])), int(rng.integers(1, 8)))
+              for _ in range(20)]
+    run_check("speech_tokens", student_fn, speech_tokens, cases,
+                     hint="frames = ceil(duration_s * frame_rate_hz); the LLM then sees ceil(frames / group_size) "
+                          "positions (a partial last group still costs a position).")
+
+
+def check_kv_cache_bytes(student_fn: Callable) -> None:
+    """Exercise 01.2: bytes of keys and values cached for ``seq_len`` positions."""
+    from .cost import kv_cache_bytes
+
+    rng = np.random.default_rng(2)
+    cases = [(1800, 36, 8, 128, 2), (9000, 36, 8, 128, 2), (1, 1, 1, 1, 4)]
+    cases += [tuple(int(v) for v in (rng.integers(1, 10000), rng.integers(1, 64), rng.integers(1, 16),
+                                     rng.choice([64, 128]), rng.choice([2, 4]))) for _ in range(20)]
+    run_check("kv_cache_bytes", student_fn, kv_cache_bytes, cases,
+                     hint="every layer stores one key AND one value vector per position and per KV head: "
+                          "2 * layers * positions * kv_heads * head_dim * bytes_per_value.")
+
+
+# --- notebook 05: the text LLM M0 (chat format and SFT labels) -------------------------------------------
+__all__ += ["check_chat_prompt", "check_qa_labels"]
+
+
+def check_chat_prompt(student_fn: Callable) -> None:
+    """Exercise 05: ``chat_prompt(question)``, the released chat format up to the assistant's answer."""
+    from .m0 import chat_prompt
+    from .world import build_world
+
+    questions = build_world(0).questions()
+    rng = np.random.default_rng(5)
+    cases = [(questions[int(i)].text,) for i in rng.choice(len(questions), size=12, replace=False)]
+    cases += [("Hi?",), ("Two\nlines?",)]
+    run_check("chat_prompt", student_fn, chat_prompt, cases,
+              hint="'<|im_start|>user\\n' + question + '<|im_end|>\\n' + '<|im_start|>assistant\\n' "
+                   "(newlines after the role and after <|im_end|>; nothing after the last newline).")
+
+
+def check_qa_labels(student_fn: Callable) -> None:
+    """Exercise 05: ``qa_labels(input_ids, prompt_lengths, attention_mask)``, SFT labels with the prompt masked."""
+    from .m0 import qa_labels
+
+    generator = torch.Generator().manual_seed(6)
+    cases = []
+    for batch, length in ((1, 5), (3, 9), (4, 16), (2, 1)):
+        input_ids = torch.randint(0, 512, (batch, length), generator=generator)               # (B, T)
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)                # real tokens per row
+        attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()           # right padding
+        prompt_lengths = torch.stack([torch.randint(0, int(n) + 1, (1,), generator=generator)[0] for n in lengths])
+        cases.append((input_ids, prompt_lengths, attention_mask))
+
+    def guarded(input_ids, prompt_lengths, attention_mask):
+        before = [t.clone() for t in (input_ids, prompt_lengths, attention_mask)]
+        labels = student_fn(input_ids, prompt_lengths, attention_mask)
+        if not all(torch.equal(a, b) for a, b in zip(before, (input_ids, prompt_lengths, attention_mask))):
+            raise ValueError("your function modified its inputs in place; clone input_ids before masking")
+        return labels
+
+    run_check("qa_labels", guarded, qa_labels, cases,
+              hint="start from a copy of input_ids (do not modify it); set -100 where the position index is "
+                   "< prompt_lengths[b] (the prompt) and where attention_mask is 0 (padding).")
