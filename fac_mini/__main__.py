@@ -3,6 +3,7 @@
   data build [--out DIR] [--cache DIR] [--seed N]   synthesise the speech corpus and train the text tokenizer
   data check                                        verify shipped files against the manifest
   exercises [--check]                               write notebooks/ from solutions/ (or fail if stale)
+  m0 train|eval [...]                               train / evaluate the text LLM M0 (data/m0)
 """
 from __future__ import annotations
 
@@ -56,8 +57,32 @@ def _exercises(args) -> int:
     return 0
 
 
+# Commands whose own module parses the rest of the command line: name -> (module, {action: function}).
+DELEGATED = {
+    "m0": ("fac_mini.m0", {"train": "main_train", "eval": "main_eval"}),
+}
+
+
+def _delegate(argv: list[str]) -> int | None:
+    if not argv or argv[0] not in DELEGATED:
+        return None
+    import importlib
+
+    module_name, actions = DELEGATED[argv[0]]
+    if len(argv) < 2 or argv[1] not in actions:
+        print(f"usage: python -m fac_mini {argv[0]} {{{','.join(actions)}}} [options]", file=sys.stderr)
+        return 2
+    function = getattr(importlib.import_module(module_name), actions[argv[1]])
+    return int(function(argv[2:]) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .corpus import CACHE_CORPUS_DIR, CORPUS_DIR
+
+    argv = sys.argv[1:] if argv is None else argv
+    delegated = _delegate(argv)
+    if delegated is not None:
+        return delegated
 
     parser = argparse.ArgumentParser(prog="python -m fac_mini", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     exercises = commands.add_parser("exercises", help="generate notebooks/ from solutions/")
     exercises.add_argument("--check", action="store_true", help="fail if notebooks/ differs from what would be written")
     exercises.set_defaults(handler=_exercises)
+    for name, (_, actions) in DELEGATED.items():
+        commands.add_parser(name, help=f"{'/'.join(actions)} (see python -m fac_mini {name} <action> --help)")
 
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -154,3 +154,32 @@ def check_qa_labels(student_fn: Callable) -> None:
     run_check("qa_labels", guarded, qa_labels, cases,
               hint="start from a copy of input_ids (do not modify it); set -100 where the position index is "
                    "< prompt_lengths[b] (the prompt) and where attention_mask is 0 (padding).")
+
+
+# --- notebook 03: the speech tokenizer ---------------------------------------------------------------------
+__all__ += ["check_fsq_quantize"]
+
+
+def check_fsq_quantize(student_fn: Callable) -> bool:
+    """Exercise 03.1: ``fsq_quantize(z, levels)`` - bound, round (straight-through), scale to [-1, 1]."""
+    from .speech_tokenizer import fsq_quantize
+
+    generator = torch.Generator().manual_seed(3)
+    cases = [(torch.zeros(2, 3), [3, 3, 3]),                                   # 0 stays on level 0
+             (torch.tensor([[-9.0, -0.6, -0.5, 0.5, 0.6, 9.0]]).T.repeat(1, 2), [3, 5])]
+    for levels in ([3] * 8, [5, 5, 5], [7, 5, 3], [8, 5, 5, 5], [4, 6]):     # odd levels first, then even ones
+        for scale in (0.5, 2.0):
+            cases.append((torch.randn(4, 10, len(levels), generator=generator) * scale, levels))
+
+    def guarded(z, levels):
+        before = z.clone()
+        codes = student_fn(z, levels)
+        if not torch.equal(z, before):
+            raise ValueError("your function modified z in place; compute on new tensors")
+        return codes
+
+    return run_check("fsq_quantize", guarded, fsq_quantize, cases,
+                     hint="per dimension with L levels: half_l = (L - 1) * (1 + 1e-3) / 2; offset = 0.5 if L is even "
+                          "else 0; shift = atanh(offset / half_l); bounded = tanh(z + shift) * half_l - offset; then "
+                          "round with a straight-through estimator, bounded + (bounded.round() - bounded).detach(), "
+                          "and divide by L // 2 so the codes lie in [-1, 1].")
