@@ -4,6 +4,7 @@
   data check                                        verify shipped files against the manifest
   exercises [--check]                               write notebooks/ from solutions/ (or fail if stale)
   m0 train|eval [...]                               train / evaluate the text LLM M0 (data/m0)
+  bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
 """
 from __future__ import annotations
 
@@ -58,8 +59,10 @@ def _exercises(args) -> int:
 
 
 # Commands whose own module parses the rest of the command line: name -> (module, {action: function}).
+# A function named main_<command> receives the action too (it has its own sub-commands).
 DELEGATED = {
     "m0": ("fac_mini.m0", {"train": "main_train", "eval": "main_eval"}),
+    "bench": ("fac_mini.bench", {"drsr": "main_bench"}),
 }
 
 
@@ -72,8 +75,10 @@ def _delegate(argv: list[str]) -> int | None:
     if len(argv) < 2 or argv[1] not in actions:
         print(f"usage: python -m fac_mini {argv[0]} {{{','.join(actions)}}} [options]", file=sys.stderr)
         return 2
-    function = getattr(importlib.import_module(module_name), actions[argv[1]])
-    return int(function(argv[2:]) or 0)
+    function_name = actions[argv[1]]
+    function = getattr(importlib.import_module(module_name), function_name)
+    rest = argv[1:] if function_name == f"main_{argv[0]}" else argv[2:]
+    return int(function(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,72 @@
+"""fac_mini.bench: the DRSR benchmark runs and reports its keys; the analytic cost model behaves (no timing limits)."""
+import json
+
+import pytest
+import torch
+
+from fac_mini.bench import (MINI_BACKBONE, MINI_SRH, RELEASED_BACKBONE, RELEASED_SRH, DRSRModel, bench_drsr,
+                            cost_vs_group_size, main_bench, shape_of, srh_parameters, training_flops)
+from fac_mini.cost import QWEN3_8B
+from fac_mini.llm import LLMConfig, Qwen3Model
+
+TINY_BACKBONE = LLMConfig(vocab_size=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+TINY_SRH = LLMConfig(vocab_size=1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=1, num_key_value_heads=1, head_dim=16)
+CONTRACT_KEYS = ("baseline_25hz_s", "drsr_5hz_s", "ratio", "flops_ratio_mini", "flops_ratio_8b")
+
+
+def test_bench_runs_at_a_tiny_size_and_returns_positive_numbers():
+    result = bench_drsr(seconds=1.0, batch=1, repeats=2, warmup=1, threads=1, backbone=TINY_BACKBONE, srh=TINY_SRH)
+    for key in CONTRACT_KEYS + ("threads", "repeats", "seconds", "ratio_fwd_bwd"):
+        assert result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["drsr_5hz_s"] / result["baseline_25hz_s"])
+    assert result["speech_tokens"] == 25 and result["llm_positions_drsr"] == 5
+    assert len(result["baseline_times_s"]) == len(result["drsr_times_s"]) == 2
+    json.dumps(result)                                                                # JSON-ready
+
+
+def test_thread_setting_is_restored():
+    before = torch.get_num_threads()
+    assert bench_drsr(seconds=0.4, repeats=1, warmup=0, threads=1, backbone=TINY_BACKBONE, srh=TINY_SRH)["threads"] == 1
+    assert torch.get_num_threads() == before
+
+
+def test_command_line_prints_one_json_object(capsys):
+    assert main_bench(["drsr", "--json", "--seconds", "0.4", "--repeats", "1", "--warmup", "0",
+                       "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(result[key] > 0 for key in CONTRACT_KEYS)
+
+
+def test_parameter_formula_matches_the_modules():
+    assert shape_of(MINI_BACKBONE).non_embedding_parameters == sum(
+        p.numel() for p in Qwen3Model(MINI_BACKBONE, with_embeddings=False).parameters())
+    assert shape_of(RELEASED_BACKBONE).non_embedding_parameters == QWEN3_8B.non_embedding_parameters
+    drsr = DRSRModel(TINY_BACKBONE, TINY_SRH)
+    srh_own = sum(p.numel() for name, p in drsr.srh.named_parameters() if name != "lm_head.weight")
+    assert srh_parameters(TINY_BACKBONE, TINY_SRH) == srh_own
+    assert 400e6 < srh_parameters(RELEASED_BACKBONE, RELEASED_SRH) < 600e6               # the released ~0.53 B
+    assert 12 < shape_of(MINI_BACKBONE).non_embedding_parameters / srh_parameters(MINI_BACKBONE, MINI_SRH) < 20
+
+
+def test_analytic_cost_decreases_with_group_size():
+    rows = cost_vs_group_size(range(1, 11), seconds=60.0)
+    assert [row["group_size"] for row in rows] == list(range(1, 11))
+    steps = [row["relative_step_flops"] for row in rows]
+    backbone = [row["relative_backbone_flops"] for row in rows]
+    assert steps[0] == backbone[0] == 1.0
+    assert all(a > b for a, b in zip(steps, steps[1:])) and all(a > b for a, b in zip(backbone, backbone[1:]))
+    assert rows[4]["llm_positions"] == 300 and backbone[4] < 0.21                     # 1500 tokens / 5
+    assert 0.2 < steps[4] < 0.5                                                       # SRH keeps 25 Hz work
+    mini = training_flops(200, 5, MINI_BACKBONE, MINI_SRH)["step_flops"] / training_flops(
+        200, 1, MINI_BACKBONE, MINI_SRH)["step_flops"]
+    assert mini < 0.5
+
+
+def test_cost_vs_group_size_can_measure_at_a_tiny_size():
+    rows = cost_vs_group_size([1, 5], seconds=0.6, backbone=TINY_BACKBONE, srh=TINY_SRH, measure=True,
+                              repeats=1, warmup=0, threads=1)
+    assert all(row["step_s"] > 0 for row in rows)
+    with pytest.raises(ValueError, match="group_sizes"):
+        cost_vs_group_size([0])
