@@ -183,3 +183,61 @@ def check_fsq_quantize(student_fn: Callable) -> bool:
                           "else 0; shift = atanh(offset / half_l); bounded = tanh(z + shift) * half_l - offset; then "
                           "round with a straight-through estimator, bounded + (bounded.round() - bounded).detach(), "
                           "and divide by L // 2 so the codes lie in [-1, 1].")
+
+
+# --- notebook 05: the Qwen3 block (RMSNorm, RoPE) ----------------------------------------------------------
+__all__ += ["check_rms_norm", "check_apply_rotary"]
+
+
+def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``fac_mini.llm.RMSNorm`` as a function of (x, weight, eps)."""
+    from .llm import RMSNorm
+
+    norm = RMSNorm(weight.shape[0], eps)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        return norm(x)
+
+
+def _unmodified(student_fn: Callable) -> Callable:
+    """Wrap ``student_fn`` so that changing an input tensor in place counts as an error."""
+    def guarded(*args):
+        before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        result = student_fn(*args)
+        if any(isinstance(a, torch.Tensor) and not torch.equal(a, b) for a, b in zip(args, before)):
+            raise ValueError("your function modified one of its inputs in place; compute on new tensors")
+        return result
+    return guarded
+
+
+def check_rms_norm(student_fn: Callable) -> None:
+    """Exercise 05.1: ``rms_norm(x, weight, eps)``, the functional form of ``fac_mini.llm.RMSNorm``."""
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for shape, scale in (((4,), 1.0), ((3, 8), 1.0), ((2, 5, 16), 3.0), ((2, 3, 7, 32), 0.1), ((2, 6), 1e-4)):
+        x = torch.randn(*shape, generator=generator) * scale
+        weight = 1 + 0.5 * torch.randn(shape[-1], generator=generator)
+        cases.append((x, weight, 1e-6))
+    cases.append((torch.zeros(2, 8), torch.ones(8), 1e-6))                          # all zeros: eps keeps it finite
+    cases.append((torch.randn(3, 4, generator=generator) * 1e-3, torch.ones(4), 1e-2))   # eps dominates
+    run_check("rms_norm", _unmodified(student_fn), _rms_norm_reference, cases,
+              hint="mean of x**2 over the LAST dim only (keepdim=True), add eps INSIDE the square root, divide x "
+                   "by that root, then multiply by weight; no mean subtraction (that would be LayerNorm).")
+
+
+def check_apply_rotary(student_fn: Callable) -> None:
+    """Exercise 05.2: ``apply_rotary(x, cos, sin)``, RoPE on head vectors (pairs (i, i + d/2), as in Qwen3)."""
+    from .llm import RotaryEmbedding, apply_rotary
+
+    generator = torch.Generator().manual_seed(8)
+    cases = []
+    for batch, heads, length, head_dim, theta in ((1, 1, 1, 2, 1e4), (1, 2, 5, 8, 1e4), (2, 3, 7, 16, 1e6),
+                                                  (2, 6, 11, 32, 1e6), (1, 4, 9, 64, 5e6)):
+        x = torch.randn(batch, heads, length, head_dim, generator=generator)              # (B, heads, T, d)
+        positions = torch.randint(0, 2000, (batch, length), generator=generator)          # (B, T)
+        cos, sin = RotaryEmbedding(head_dim, theta)(positions, torch.float32)             # (B, T, d) each
+        cases.append((x, cos, sin))
+    run_check("apply_rotary", _unmodified(student_fn), apply_rotary, cases,
+              hint="split x into halves x1 = x[..., :d/2], x2 = x[..., d/2:]; rotate_half(x) = cat(-x2, x1); the "
+                   "result is x * cos + rotate_half(x) * sin, with cos and sin given a heads axis (cos[:, None] is "
+                   "(B, 1, T, d)). The rotated pairs are (i, i + d/2), not neighbours (2i, 2i + 1).")

@@ -22,6 +22,14 @@ WRONG_ANSWERS = {
     "check_speech_tokens": lambda duration_s, frame_rate_hz, group_size=1: int(duration_s * frame_rate_hz) // group_size,
     "check_kv_cache_bytes": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
         num_layers * seq_len * num_kv_heads * head_dim * bytes_per_value,   # forgot the values (only keys)
+    "check_rms_norm": lambda x, weight, eps=1e-6:
+        weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps),        # eps outside the square root
+    "check_apply_rotary": lambda x, cos, sin:                                 # neighbour pairs (2i, 2i+1), GPT-J style
+        x * cos[:, None] + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin[:, None],
+    "check_chat_prompt": lambda question:                                    # no newline after "assistant"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant",
+    "check_qa_labels": lambda input_ids, prompt_lengths, attention_mask:      # forgot to mask the prompt
+        input_ids.masked_fill(attention_mask == 0, -100),
 }
 
 
