@@ -5,6 +5,7 @@
   exercises [--check]                               write notebooks/ from solutions/ (or fail if stale)
   m0 train|eval [...]                               train / evaluate the text LLM M0 (data/m0)
   bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
+  bench load [--json] [--size-gb G] [--dtype D]     peak memory and time of load_released on a >= 1 GB checkpoint
 """
 from __future__ import annotations
 
@@ -58,11 +59,12 @@ def _exercises(args) -> int:
     return 0
 
 
-# Commands whose own module parses the rest of the command line: name -> (module, {action: function}).
-# A function named main_<command> receives the action too (it has its own sub-commands).
+# Commands whose own module parses the rest of the command line:
+# command -> {action: (module, function, whether the function also receives the action word)}.
 DELEGATED = {
-    "m0": ("fac_mini.m0", {"train": "main_train", "eval": "main_eval"}),
-    "bench": ("fac_mini.bench", {"drsr": "main_bench"}),
+    "m0": {"train": ("fac_mini.m0", "main_train", False), "eval": ("fac_mini.m0", "main_eval", False)},
+    "bench": {"drsr": ("fac_mini.bench", "main_bench", True),
+              "load": ("fac_mini.released", "main_bench_load", False)},
 }
 
 
@@ -71,14 +73,13 @@ def _delegate(argv: list[str]) -> int | None:
         return None
     import importlib
 
-    module_name, actions = DELEGATED[argv[0]]
+    actions = DELEGATED[argv[0]]
     if len(argv) < 2 or argv[1] not in actions:
         print(f"usage: python -m fac_mini {argv[0]} {{{','.join(actions)}}} [options]", file=sys.stderr)
         return 2
-    function_name = actions[argv[1]]
+    module_name, function_name, keep_action = actions[argv[1]]
     function = getattr(importlib.import_module(module_name), function_name)
-    rest = argv[1:] if function_name == f"main_{argv[0]}" else argv[2:]
-    return int(function(rest) or 0)
+    return int(function(argv[1:] if keep_action else argv[2:]) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     exercises = commands.add_parser("exercises", help="generate notebooks/ from solutions/")
     exercises.add_argument("--check", action="store_true", help="fail if notebooks/ differs from what would be written")
     exercises.set_defaults(handler=_exercises)
-    for name, (_, actions) in DELEGATED.items():
+    for name, actions in DELEGATED.items():
         commands.add_parser(name, help=f"{'/'.join(actions)} (see python -m fac_mini {name} <action> --help)")
 
     args = parser.parse_args(argv)

@@ -241,3 +241,37 @@ def check_apply_rotary(student_fn: Callable) -> None:
               hint="split x into halves x1 = x[..., :d/2], x2 = x[..., d/2:]; rotate_half(x) = cat(-x2, x1); the "
                    "result is x * cos + rotate_half(x) * sin, with cos and sin given a heads axis (cos[:, None] is "
                    "(B, 1, T, d)). The rotated pairs are (i, i + d/2), not neighbours (2i, 2i + 1).")
+
+
+# --- notebook 02: the audio encoder (mel filterbank, window attention mask) -------------------------------
+__all__ += ["check_mel_filterbank", "check_window_mask"]
+
+
+def check_mel_filterbank(student_fn: Callable) -> None:
+    """Exercise 02.1: ``mel_filterbank(n_mels, n_fft, sampling_rate)``, Slaney scale and normalisation."""
+    from .audio import mel_filterbank
+
+    cases = [(128, 400, 16000), (80, 400, 16000), (40, 512, 16000), (64, 1024, 22050), (10, 256, 8000),
+             (128, 2048, 44100)]
+    run_check("mel_filterbank", student_fn, mel_filterbank, cases, atol=1e-6,
+              hint="Slaney mel: 3f/200 below 1 kHz, 15 + 27 ln(f/1000)/ln(6.4) above; n_mels + 2 points evenly "
+                   "spaced in mel from 0 to sampling_rate/2, mapped back to Hz; filter m rises from f_m to f_m+1 "
+                   "and falls to f_m+2 over the n_fft//2 + 1 bin frequencies k*sampling_rate/n_fft; then multiply "
+                   "filter m by 2 / (f_m+2 - f_m). Shape (n_mels, n_fft // 2 + 1).")
+
+
+def check_window_mask(student_fn: Callable) -> None:
+    """Exercise 02.2: ``window_mask(num_frames_50hz, window_50hz)``, the (T, T) block-diagonal boolean mask."""
+    from .encoder import window_attention_mask
+
+    def reference(num_frames_50hz, window_50hz):
+        # 2 * T mel frames make exactly T tokens at 50 Hz (whole windows are even), so the package's
+        # batch mask for that one clip is the (T, T) mask asked for.
+        return window_attention_mask(2 * num_frames_50hz, n_window=window_50hz)[0]
+
+    rng = np.random.default_rng(7)
+    cases = [(5, 2), (150, 100), (7, 3), (1, 1), (10, 10), (10, 20), (12, 4)]
+    cases += [(int(rng.integers(1, 300)), int(rng.integers(1, 120))) for _ in range(10)]
+    run_check("window_mask", student_fn, reference, cases,
+              hint="token i is in window i // window_50hz; mask[i, j] is True exactly when i and j share a "
+                   "window (blocks along the diagonal, not a band |i - j| < window). Return a bool tensor (T, T).")

@@ -70,7 +70,7 @@ class AudioEncoderConfig:
 
     @classmethod
     def released_8b(cls) -> "AudioEncoderConfig":
-        """The sizes of Fun-Audio-Chat-8B's ``audio_config`` (about 0.65 B parameters)."""
+        """The sizes of Fun-Audio-Chat-8B's ``audio_config`` (about 0.64 B parameters)."""
         return cls(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
                    encoder_ffn_dim=5120, n_window=100, max_source_positions=1500, output_dim=4096)
 

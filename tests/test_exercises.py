@@ -22,6 +22,10 @@ WRONG_ANSWERS = {
     "check_speech_tokens": lambda duration_s, frame_rate_hz, group_size=1: int(duration_s * frame_rate_hz) // group_size,
     "check_kv_cache_bytes": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
         num_layers * seq_len * num_kv_heads * head_dim * bytes_per_value,   # forgot the values (only keys)
+    "check_mel_filterbank": lambda n_mels, n_fft, sampling_rate:            # forgot the Slaney normalisation
+        __import__("librosa").filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=n_mels, norm=None),
+    "check_window_mask": lambda num_frames_50hz, window_50hz:               # a sliding band, not 2-s blocks
+        (torch.arange(num_frames_50hz)[:, None] - torch.arange(num_frames_50hz)[None]).abs() < window_50hz,
     "check_rms_norm": lambda x, weight, eps=1e-6:
         weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps),        # eps outside the square root
     "check_apply_rotary": lambda x, cos, sin:                                 # neighbour pairs (2i, 2i+1), GPT-J style
