@@ -13,7 +13,7 @@ One step = forward + backward + AdamW update. Sizes keep the released ratio of b
 backbone (20.7 M) : a SRH of 2 layers x 128 plus its projections (1.2 M, pre_matching 0.7 M of it) is
 17 : 1. The CRQ is much narrower than the backbone in both (1024 vs 4096; 128 vs 384); the mini SRH has fewer
 layers (2 vs 28) because thin layers run inefficiently on a CPU. The sizes are small enough for the default
-run (8 s of audio, 1 warm-up + 3 timed steps per model) to finish within a minute on 2 shared CPU cores: at
+run (16 s of audio, 1 warm-up + 3 timed steps per model) to finish within a minute on 2 shared CPU cores: at
 these sizes AdamW over ~28 M parameters is a large, equal share of both steps, so the fwd+bwd ratio is
 reported too. The text head is left out of both models (it would favour DRSR further).
 

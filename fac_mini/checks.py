@@ -275,3 +275,80 @@ def check_window_mask(student_fn: Callable) -> None:
     run_check("window_mask", student_fn, reference, cases,
               hint="token i is in window i // window_50hz; mask[i, j] is True exactly when i and j share a "
                    "window (blocks along the diagonal, not a band |i - j| < window). Return a bool tensor (T, T).")
+
+
+# --- notebook 04: speech token grouping (concat as in the paper, mean as released) ------------------------
+__all__ += ["check_concat_grouping", "check_mean_grouping"]
+
+
+def _pad_frames(embeddings: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B, T, H) -> (B, k·ceil(T/k), H), zero frames appended at the end."""
+    return torch.nn.functional.pad(embeddings, (0, 0, 0, -embeddings.shape[1] % group_size))
+
+
+def _concat_grouping_reference(embeddings: torch.Tensor, group_size: int, weight: torch.Tensor) -> torch.Tensor:
+    from .grouping import group_frames
+
+    return torch.nn.functional.linear(group_frames(_pad_frames(embeddings, group_size), group_size), weight)
+
+
+def _mean_grouping_reference(embeddings: torch.Tensor, group_size: int, weight: torch.Tensor) -> torch.Tensor:
+    from .grouping import mean_group
+
+    return torch.nn.functional.linear(mean_group(_pad_frames(embeddings, group_size), group_size), weight)
+
+
+def _grouping_cases(concat: bool) -> list[tuple]:
+    """(embeddings (B, T, H), group_size, weight (H_out, k·H) or (H_out, H)); T is often not a multiple of k."""
+    generator = torch.Generator().manual_seed(4)
+    cases = []
+    for batch, length, width, out, group_size in ((1, 5, 4, 4, 5), (2, 12, 6, 6, 5), (3, 7, 8, 5, 5),
+                                                  (2, 3, 4, 4, 5), (1, 10, 3, 3, 1), (2, 9, 4, 6, 2),
+                                                  (1, 13, 16, 16, 4), (2, 58, 12, 10, 5)):
+        embeddings = torch.randn(batch, length, width, generator=generator)                  # (B, T, H)
+        weight = torch.randn(out, group_size * width if concat else width, generator=generator)
+        cases.append((embeddings, group_size, weight))
+    return cases
+
+
+def check_concat_grouping(student_fn: Callable) -> None:
+    """Exercise 04.1: ``concat_grouping(embeddings, group_size, weight)``, paper eq. (1) with zero padding."""
+    run_check("concat_grouping", _unmodified(student_fn), _concat_grouping_reference, _grouping_cases(True),
+              atol=1e-5, hint="append -T % k zero frames (torch.nn.functional.pad(embeddings, (0, 0, 0, extra))), "
+                              "reshape (B, L·k, H) -> (B, L, k·H) so group i is [e_ik, ..., e_ik+k-1] one after "
+                              "the other, then apply weight (H_out, k·H) like nn.Linear: x @ weight.T, no bias.")
+
+
+def check_mean_grouping(student_fn: Callable) -> None:
+    """Exercise 04.2: ``mean_grouping(embeddings, group_size, weight)``, the released Linear(mean of k)."""
+    run_check("mean_grouping", _unmodified(student_fn), _mean_grouping_reference, _grouping_cases(False),
+              atol=1e-5, hint="pad with zero frames to a multiple of k FIRST and average all k frames of every "
+                              "group, padding included (the last group's mean is divided by k, not by its real "
+                              "frames), then apply weight (H_out, H) like nn.Linear: x @ weight.T, no bias.")
+
+
+# --- notebook 06: parallel speech-text streams (transcript <-> 5 Hz groups) --------------------------------
+__all__ += ["check_align_text_to_groups"]
+
+
+def check_align_text_to_groups(student_fn: Callable) -> None:
+    """Exercise 06.1: ``align_text_to_groups(text_ids, num_groups, sil_id, replace_ids)``, token i <-> group i."""
+    from .model import align_text_to_groups
+
+    generator = torch.Generator().manual_seed(10)
+    sil, eos, pad = 7, 2, 0                                                    # the course tokenizer's ids
+    ids = torch.randint(8, 512, (12,), generator=generator)                   # (n,) ordinary text ids
+    cases = [(ids[:9], 6, sil, ()),                                            # longer than the groups: cut
+             (ids[:6], 6, sil, ()),                                            # equal
+             (ids[:4], 7, sil, ()),                                            # shorter: <|sil|> padding
+             (ids[:0], 5, sil, ()),                                            # empty transcript: all <|sil|>
+             (ids[:5], 0, sil, ()),                                            # no groups
+             (torch.tensor([30, 31, eos, 32]), 6, sil, (eos, pad)),            # eos inside -> <|sil|>
+             (torch.tensor([40, pad, 41]), 2, sil, (eos, pad)),                # cut, then pad id -> <|sil|>
+             (torch.randint(8, 512, (3, 5), generator=generator), 8, sil, (eos, pad)),   # (A, n): pad every row
+             (torch.randint(8, 512, (2, 9), generator=generator), 4, sil, ()),           # (A, n): cut every row
+             (ids, 15, 511, ())]                                               # another silence id
+    run_check("align_text_to_groups", _unmodified(student_fn), align_text_to_groups, cases,
+              hint="keep text_ids[..., :num_groups] (token i goes with group i; a longer transcript is cut), "
+                   "append sil_id until the last dim is num_groups (F.pad(..., value=sil_id)), then set every id in "
+                   "replace_ids to sil_id; work on the last dim so (n,) and (A, n) both work, and return a new tensor.")

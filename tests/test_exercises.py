@@ -34,6 +34,14 @@ WRONG_ANSWERS = {
         f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant",
     "check_qa_labels": lambda input_ids, prompt_lengths, attention_mask:      # forgot to mask the prompt
         input_ids.masked_fill(attention_mask == 0, -100),
+    "check_concat_grouping": lambda embeddings, group_size, weight:          # channel-major concat, not frame-major
+        torch.nn.functional.linear(torch.nn.functional.pad(embeddings, (0, 0, 0, -embeddings.shape[1] % group_size))
+                                   .unflatten(1, (-1, group_size)).transpose(2, 3).flatten(2), weight),
+    "check_mean_grouping": lambda embeddings, group_size, weight:            # last group averaged over real frames only
+        torch.nn.functional.linear(torch.stack([embeddings[:, g * group_size:(g + 1) * group_size].mean(1) for g in
+                                                range(-(-embeddings.shape[1] // group_size))], 1), weight),
+    "check_align_text_to_groups": lambda text_ids, num_groups, sil_id, replace_ids=():   # forgot to cut a long transcript
+        torch.nn.functional.pad(text_ids, (0, max(0, num_groups - text_ids.shape[-1])), value=sil_id),
 }
 
 
