@@ -4,6 +4,7 @@
   data check                                        verify shipped files against the manifest
   exercises [--check]                               write notebooks/ from solutions/ (or fail if stale)
   m0 train|eval [...]                               train / evaluate the text LLM M0 (data/m0)
+  speech-tokenizer train|eval [...]                 train / evaluate the 25 Hz speech tokenizer (data/speech_tokenizer)
   bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
   bench load [--json] [--size-gb G] [--dtype D]     peak memory and time of load_released on a >= 1 GB checkpoint
 """
@@ -63,6 +64,8 @@ def _exercises(args) -> int:
 # command -> {action: (module, function, whether the function also receives the action word)}.
 DELEGATED = {
     "m0": {"train": ("fac_mini.m0", "main_train", False), "eval": ("fac_mini.m0", "main_eval", False)},
+    "speech-tokenizer": {"train": ("fac_mini.speech_tokenizer", "main_train", False),
+                         "eval": ("fac_mini.speech_tokenizer", "main_eval", False)},
     "bench": {"drsr": ("fac_mini.bench", "main_bench", True),
               "load": ("fac_mini.released", "main_bench_load", False)},
 }
