@@ -352,3 +352,60 @@ def check_align_text_to_groups(student_fn: Callable) -> None:
               hint="keep text_ids[..., :num_groups] (token i goes with group i; a longer transcript is cut), "
                    "append sil_id until the last dim is num_groups (F.pad(..., value=sil_id)), then set every id in "
                    "replace_ids to sil_id; work on the last dim so (n,) and (A, n) both work, and return a new tensor.")
+
+
+# --- notebook 15: the released checkpoint (tied weights) ---------------------------------------------------
+__all__ += ["check_tied_parameter_groups"]
+
+
+class _TieCase(torch.nn.Module):
+    """A module holding the given children, with a one-line repr (so a failing case prints its label)."""
+
+    def __init__(self, label: str, **children: torch.nn.Module):
+        super().__init__()
+        self.label = label
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def __repr__(self) -> str:
+        return f"<{self.label}>"
+
+
+def _tie_cases() -> list[tuple]:
+    from .llm import LLMConfig, Qwen3ForCausalLM
+    from .model import FunAudioChat, FunAudioChatConfig
+
+    cases = [_TieCase("tiny FunAudioChat", model=FunAudioChat(FunAudioChatConfig()))]
+    tied_lm = LLMConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=4, tie_word_embeddings=True)
+    cases.append(_TieCase("Qwen3ForCausalLM with tie_word_embeddings", lm=Qwen3ForCausalLM(tied_lm)))
+    cases.append(_TieCase("nothing tied", first=torch.nn.Linear(3, 3), second=torch.nn.Linear(3, 3)))
+    twins = _TieCase("equal values, separate parameters", a=torch.nn.Linear(2, 2), b=torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        for layer in (twins.a, twins.b):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    cases.append(twins)
+    three = _TieCase("a three-way and a two-way tie", table=torch.nn.Embedding(5, 4), head=torch.nn.Linear(4, 5),
+                     extra=torch.nn.Linear(4, 5), up=torch.nn.Linear(4, 4, bias=False),
+                     down=torch.nn.Linear(4, 4, bias=False))
+    three.head.weight = three.table.weight
+    three.extra.weight = three.table.weight
+    three.down.weight = three.up.weight
+    cases.append(three)
+    shared = torch.nn.Linear(4, 4)
+    cases.append(_TieCase("one module registered twice", encoder=shared, decoder=shared))
+    return [(case,) for case in cases]
+
+
+def check_tied_parameter_groups(student_fn: Callable) -> None:
+    """Exercise 15.1: ``tied_parameter_groups(model)``, the names that share one Parameter, first name first."""
+    from .released import tied_parameter_groups
+
+    with torch.random.fork_rng(devices=[]):                  # build the cases without touching the caller's RNG
+        torch.manual_seed(15)
+        cases = _tie_cases()
+    run_check("tied_parameter_groups", student_fn, tied_parameter_groups, cases,
+              hint="walk model.named_parameters(remove_duplicate=False) (the default skips every name after the "
+                   "first of a shared Parameter), group the names by the identity of the Parameter (id(p) or "
+                   "`is`, not equal values), keep module order, and return only the groups with 2+ names.")
