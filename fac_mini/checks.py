@@ -178,7 +178,7 @@ def check_fsq_quantize(student_fn: Callable) -> bool:
             raise ValueError("your function modified z in place; compute on new tensors")
         return codes
 
-    return run_check("fsq_quantize", guarded, fsq_quantize, cases,
+    run_check("fsq_quantize", guarded, fsq_quantize, cases,
                      hint="per dimension with L levels: half_l = (L - 1) * (1 + 1e-3) / 2; offset = 0.5 if L is even "
                           "else 0; shift = atanh(offset / half_l); bounded = tanh(z + shift) * half_l - offset; then "
                           "round with a straight-through estimator, bounded + (bounded.round() - bounded).detach(), "

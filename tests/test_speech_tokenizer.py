@@ -253,13 +253,15 @@ def test_shipped_checkpoint(clips):
 def test_check_fsq_quantize(capsys):
     from fac_mini.checks import check_fsq_quantize
 
-    assert check_fsq_quantize(fsq_quantize)
+    assert check_fsq_quantize(fsq_quantize) is None          # checks print their verdict, they return nothing
+    assert "[pass]" in capsys.readouterr().out
 
     def without_even_shift(z, levels):  # a plausible mistake: no offset/shift for even levels
         half = (torch.tensor(levels) - 1) * (1 + 1e-3) / 2
         bounded = torch.tanh(z) * half
         return (bounded + (bounded.round() - bounded).detach()) / (torch.tensor(levels) // 2)
 
-    assert not check_fsq_quantize(without_even_shift)
-    assert not check_fsq_quantize(lambda z, levels: torch.tanh(z))
-    assert "[fail]" in capsys.readouterr().out
+    for wrong in (without_even_shift, lambda z, levels: torch.tanh(z)):
+        check_fsq_quantize(wrong)
+        out = capsys.readouterr().out
+        assert "[fail]" in out and "[pass]" not in out
