@@ -1,6 +1,7 @@
 """fac_mini: Fun-Audio-Chat built from scratch, one module per idea (see the course's notebooks)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 __version__ = "0.1.0"
-__all__ = ["set_seed", "REPO_ROOT", "DATA_DIR", "CACHE_DIR", "__version__"]
+__all__ = ["set_seed", "file_sha256", "REPO_ROOT", "DATA_DIR", "CACHE_DIR", "__version__"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"                       # shipped in git (<= 60 MB)
@@ -27,3 +28,12 @@ def set_seed(seed: int = 0) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (what every manifest of the course records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

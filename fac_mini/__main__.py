@@ -66,6 +66,7 @@ DELEGATED = {
     "m0": {"train": ("fac_mini.m0", "main_train", False), "eval": ("fac_mini.m0", "main_eval", False)},
     "speech-tokenizer": {"train": ("fac_mini.speech_tokenizer", "main_train", False),
                          "eval": ("fac_mini.speech_tokenizer", "main_eval", False)},
+    "srh": {"train": ("fac_mini.srh_study", "main_train", False), "eval": ("fac_mini.srh_study", "main_eval", False)},
     "bench": {"drsr": ("fac_mini.bench", "main_bench", True),
               "load": ("fac_mini.released", "main_bench_load", False)},
 }

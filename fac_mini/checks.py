@@ -409,3 +409,36 @@ def check_tied_parameter_groups(student_fn: Callable) -> None:
               hint="walk model.named_parameters(remove_duplicate=False) (the default skips every name after the "
                    "first of a shared Parameter), group the names by the identity of the Parameter (id(p) or "
                    "`is`, not equal values), keep module order, and return only the groups with 2+ names.")
+
+
+# --- notebook 07: the Speech Refined Head -------------------------------------------------------------------
+__all__ += ["check_ungroup", "check_teacher_forcing_ids"]
+
+
+def check_ungroup(student_fn: Callable) -> None:
+    """Exercise 07.1: ``ungroup(grouped, group_size)``, (B, L, k·H) -> (B, k·L, H) with slice s of p at k·p + s."""
+    from .grouping import ungroup
+
+    generator = torch.Generator().manual_seed(7)
+    cases = [(torch.arange(2 * 3 * 10, dtype=torch.float32).view(2, 3, 10), 5),
+             (torch.randn(1, 4, 12, generator=generator), 3), (torch.randn(3, 1, 8, generator=generator), 1),
+             (torch.randn(2, 5, 20, generator=generator), 5)]
+    run_check("ungroup", student_fn, ungroup, cases,
+              hint="the k·H numbers of LLM position p are k consecutive slices of width H: slice s = "
+                   "columns [s·H, (s+1)·H) becomes 25 Hz position k·p + s. A reshape to (B, k·L, H) does exactly "
+                   "that (row-major order); splitting the columns with a stride (s::k) does not.")
+
+
+def check_teacher_forcing_ids(student_fn: Callable) -> None:
+    """Exercise 07.2: ``teacher_forcing_ids(speech_labels, group_size, pad_id)`` -> (previous ids, targets)."""
+    from .srh import teacher_forcing_ids
+
+    generator = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, 9, (2, 20), generator=generator)
+    labels[1, 12:] = -100                                     # a shorter reply, right-padded
+    cases = [(torch.arange(10)[None], 5, 99), (labels, 5, 10), (labels, 4, 10), (labels[:, :6], 3, 10),
+             (torch.randint(0, 5, (1, 8), generator=generator), 1, 7)]
+    run_check("teacher_forcing_ids", student_fn, teacher_forcing_ids, cases,
+              hint="25 Hz position j predicts label j + k (token s of the NEXT group) and adds the embedding of "
+                   "label j + k − 1, the token just before it: previous = labels (-100 -> pad_id) rolled by "
+                   "−(k − 1) along time; targets = labels shifted left by k with the last k set to -100.")

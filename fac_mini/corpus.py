@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import CACHE_DIR, DATA_DIR
+from . import CACHE_DIR, DATA_DIR, file_sha256
 from .tts import VOICES
 from .world import build_world
 
@@ -87,14 +87,6 @@ def plan_utterances(seed: int = 0) -> list[dict]:
 def pcm_sha256(pcm: np.ndarray) -> str:
     """sha256 of int16 samples (little-endian): identifies audio independently of the file encoder."""
     return hashlib.sha256(np.ascontiguousarray(pcm, dtype="<i2").tobytes()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _speak_list(job: tuple[str, list[dict], dict[str, str]]) -> list[dict]:

@@ -75,7 +75,7 @@ def group_frames(frames: torch.Tensor, group_size: int) -> torch.Tensor:
     _check_group_size(group_size)
     if frames.dim() != 3 or frames.shape[1] % group_size:
         raise ValueError(f"frames must be (B, T, H) with T a multiple of group_size={group_size}, got "
-                         f"{tuple(frames.shape)}; pad with pad_to_multiple first")
+                         f"{tuple(frames.shape)}; pad the time axis first, e.g. F.pad(frames, (0, 0, 0, (-T) % k))")
     batch, length, width = frames.shape
     return frames.reshape(batch, length // group_size, group_size * width)
 
@@ -103,7 +103,7 @@ def mean_group(frames: torch.Tensor, group_size: int) -> torch.Tensor:
     _check_group_size(group_size)
     if frames.dim() != 3 or frames.shape[1] % group_size:
         raise ValueError(f"frames must be (B, T, D) with T a multiple of group_size={group_size}, got "
-                         f"{tuple(frames.shape)}; pad with pad_to_multiple first")
+                         f"{tuple(frames.shape)}; pad the time axis first, e.g. F.pad(frames, (0, 0, 0, (-T) % k))")
     batch, length, width = frames.shape
     return frames.reshape(batch, length // group_size, group_size, width).mean(dim=2)
 

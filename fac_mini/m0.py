@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import CACHE_DIR, DATA_DIR, set_seed
+from . import CACHE_DIR, DATA_DIR, file_sha256, set_seed
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, generate_greedy, llm_config_from_hf
 from .tokenizer import TOKENIZER_DIR, load_tokenizer
 from .world import ATTRIBUTES, VALUES, TextExample, World, build_world
@@ -224,14 +224,6 @@ def _atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def train_m0(config: LLMConfig = M0_CONFIG, steps: int = DEFAULT_TRAIN_ARGS["steps"],
@@ -533,14 +525,14 @@ def main_train(argv: list[str] | None = None) -> int:
     model, tokenizer = load_m0(args.out)               # evaluate exactly what was shipped
     metrics = {split: evaluate_knowledge(model, tokenizer, split) for split in ("heldout", "train")}
     metrics["heldout_first20"] = evaluate_knowledge(model, tokenizer, "heldout", limit=20)   # what the test reruns
-    files = {name: _sha256(args.out / name) for name in (WEIGHTS_FILE, CONFIG_FILE, LOG_FILE)}
+    files = {name: file_sha256(args.out / name) for name in (WEIGHTS_FILE, CONFIG_FILE, LOG_FILE)}
     manifest = {"name": "m0", "command": command, "seed": args.seed, "steps": args.steps,
                 "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
                 "weight_decay": args.weight_decay, "min_lr_ratio": d["min_lr_ratio"],
                 "config": M0_CONFIG.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
                 "train_seconds": result["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
                 "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "run_key": result["run_key"],
-                "final_loss": result["log"][-1]["loss"], "tokenizer_sha256": _sha256(TOKENIZER_DIR / "tokenizer.json"),
+                "final_loss": result["log"][-1]["loss"], "tokenizer_sha256": file_sha256(TOKENIZER_DIR / "tokenizer.json"),
                 "files_sha256": files, "metrics": metrics}
     _atomic_write_text(json.dumps(manifest, indent=1) + "\n", args.out / MANIFEST_FILE)
     print(json.dumps({k: manifest[k] for k in ("train_seconds", "wall_seconds", "final_loss")}

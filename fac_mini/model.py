@@ -41,7 +41,7 @@ from .encoder import AudioEncoder, AudioEncoderConfig
 from .grouping import group_mask_to_frame_mask, group_speech_ids, mean_group
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, init_weights, llm_config_from_hf
 from .srh import (CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_EOS_ID, SPEECH_PAD_ID, SpeechRefinedHead,
-                  speech_loss)
+                  speech_loss, teacher_forcing_ids)
 
 __all__ = [
     "DiscreteAudioConfig", "FunAudioChatConfig", "FunAudioChatOutput", "DiscreteAudioEncoder", "FunAudioChat",
@@ -481,8 +481,8 @@ class FunAudioChat(nn.Module):
         head, k, pad = self.audio_invert_tower, self.config.discrete.group_size, self.config.discrete.pad_token_id
         inputs = head.ungrouped_inputs(lm_hidden, text_embeds)                               # (B, k·L, H)
         if speech_labels is not None:
-            previous = self.audio_tower.embed_tokens(speech_labels.masked_fill(speech_labels == IGNORE_INDEX, pad))
-            inputs = inputs + previous.roll(-(k - 1), dims=1)                                # j reads label j+k−1
+            previous, _ = teacher_forcing_ids(speech_labels, k, pad)                         # j reads label j+k−1
+            inputs = inputs + self.audio_tower.embed_tokens(previous)
         frame_mask = None if attention_mask is None else group_mask_to_frame_mask(attention_mask, k)
         positions = None if position_ids is None else srh_position_ids(position_ids, k)
         logits = head.refine(inputs, attention_mask=frame_mask, position_ids=positions)     # (B, k·L, C)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -57,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CACHE_DIR, DATA_DIR, set_seed
+from . import CACHE_DIR, DATA_DIR, file_sha256, set_seed
 from .audio import SAMPLE_RATE, log_mel
 from .encoder import AudioEncoder, AudioEncoderConfig, encoder_output_lengths
 
@@ -588,10 +587,6 @@ def read_manifest(directory=SPEECH_TOKENIZER_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
@@ -747,7 +742,7 @@ def _train(config, steps, *, batch_size, lr, weight_decay, warmup, seed, out_dir
         "final_ctc_loss_mean_last_50": round(float(np.mean(losses[-50:])), 4),
         **({"final_adversary_loss_mean_last_50": round(float(np.mean(adversary_losses[-50:])), 4),
             "speakers": voices} if adversary_losses else {}),
-        "files_sha256": {path.name: _sha256(path) for path in files},
+        "files_sha256": {path.name: file_sha256(path) for path in files},
     }
     if evaluate:
         evaluated = time.perf_counter()

@@ -31,7 +31,8 @@ from .llm import IGNORE_INDEX, KVCache, LLMConfig, Qwen3Model, init_weights, sam
 
 __all__ = [
     "GROUP_SIZE", "CODEBOOK_SIZE", "SPEECH_BOS_ID", "SPEECH_EOS_ID", "SPEECH_PAD_ID",
-    "SpeechHeadOutput", "SpeechStepOutput", "SRHState", "speech_loss", "SpeechRefinedHead", "ParallelSpeechHead",
+    "SpeechHeadOutput", "SpeechStepOutput", "SRHState", "teacher_forcing_ids", "speech_loss", "SpeechRefinedHead",
+    "ParallelSpeechHead",
 ]
 
 GROUP_SIZE = 5          # speech tokens per LLM position (25 Hz / 5 Hz)
@@ -83,6 +84,25 @@ def _flat_speech_labels(speech_labels: torch.Tensor, batch: int, length: int, gr
     return speech_labels
 
 
+def teacher_forcing_ids(speech_labels: torch.Tensor, group_size: int = GROUP_SIZE,
+                        pad_id: int = SPEECH_PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released teacher-forcing shift at 25 Hz. speech_labels (B, k·L), -100 where there is no speech.
+
+    Returns ``(previous, targets)``, both (B, k·L): 25 Hz position j = k·p + s adds the embedding of
+    ``previous[j]`` = label j + k − 1 (-100 read as ``pad_id``; the last k − 1 positions wrap around, harmlessly,
+    since their targets are -100) and is scored against ``targets[j]`` = label j + k (-100 for the last k).
+    So sub-step s of LLM position p predicts token s of the next group, having seen token s − 1 of it
+    (for s = 0: the last token of the current group).
+    """
+    if speech_labels.dim() != 2:
+        raise ValueError(f"speech_labels must be (B, k·L), got {tuple(speech_labels.shape)}")
+    previous = speech_labels.masked_fill(speech_labels == IGNORE_INDEX, pad_id).roll(-(group_size - 1), dims=1)
+    ignore = speech_labels.new_full((speech_labels.shape[0], min(group_size, speech_labels.shape[1])),
+                                    IGNORE_INDEX)
+    targets = torch.cat((speech_labels[:, group_size:], ignore), dim=1)                  # (B, k·L)
+    return previous, targets
+
+
 def speech_loss(logits: torch.Tensor, speech_labels: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
     """Cross-entropy with the released shift: logits at 25 Hz position j against label j + k; -100 is skipped.
 
@@ -91,8 +111,7 @@ def speech_loss(logits: torch.Tensor, speech_labels: torch.Tensor, group_size: i
     if logits.dim() != 3 or tuple(speech_labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"logits (B, T, C) and speech_labels (B, T) disagree: {tuple(logits.shape)} vs "
                          f"{tuple(speech_labels.shape)}")
-    ignore = speech_labels.new_full((speech_labels.shape[0], group_size), IGNORE_INDEX)
-    targets = torch.cat((speech_labels[:, group_size:], ignore), dim=1)             # (B, k·L): label j + k
+    _, targets = teacher_forcing_ids(speech_labels, group_size)
     if not (targets != IGNORE_INDEX).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -183,9 +202,9 @@ class SpeechRefinedHead(nn.Module):
             position_ids = (self.group_size * position_ids[:, :, None] + steps).flatten(1)  # (B, k·L)
             if frame_mask is not None:
                 position_ids = position_ids.masked_fill(frame_mask == 0, 0)
-        previous = self.embed_speech(labels.masked_fill(labels == IGNORE_INDEX, self.pad_id))
-        previous = previous.roll(-(self.group_size - 1), dims=1)        # position j reads label j + k − 1
-        logits = self.refine(inputs + previous, attention_mask=frame_mask, position_ids=position_ids)
+        previous, _ = teacher_forcing_ids(labels, self.group_size, self.pad_id)           # j reads label j + k − 1
+        logits = self.refine(inputs + self.embed_speech(previous), attention_mask=frame_mask,
+                             position_ids=position_ids)
         return SpeechHeadOutput(logits=logits, loss=speech_loss(logits, labels, self.group_size))
 
     # -- generation --------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # For every self-check used in a notebook: a plausible wrong answer that the check must reject.
 # A new exercise must add its entry here (test_every_exercise_has_a_wrong_answer enforces it).
 WRONG_ANSWERS = {
+    "check_ungroup": lambda grouped, group_size:                            # strided slices, not blocks
+        grouped.reshape(grouped.shape[0], grouped.shape[1], -1, group_size).transpose(2, 3)
+        .reshape(grouped.shape[0], grouped.shape[1] * group_size, -1),
+    "check_teacher_forcing_ids": lambda labels, group_size, pad_id: (        # the usual LM shift: label j - 1
+        labels.masked_fill(labels == -100, pad_id).roll(1, dims=1),
+        __import__("torch").cat((labels[:, group_size:], labels.new_full((labels.shape[0], group_size), -100)), 1)),
     "check_speech_tokens": lambda duration_s, frame_rate_hz, group_size=1: int(duration_s * frame_rate_hz) // group_size,
     "check_kv_cache_bytes": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
         num_layers * seq_len * num_kv_heads * head_dim * bytes_per_value,   # forgot the values (only keys)

@@ -15,13 +15,7 @@ SP_BOS, SP_EOS, SP_PAD, K = 6561, 6562, 6563, 5
 GREEDY_S2M = dict(do_sample=False, repetition_penalty=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread avoids thread-pool contention on the shared 2-core machine (10 ms -> 0.05 ms/op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ FAST = dict(tokenizer=None, progress=False, warmup_steps=2, log_every=1)
 SHIPPED = DATA_DIR / "m0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread (and a shared machine's other thread stays free)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fac_mini.llm import LLMConfig
-from fac_mini.srh import ParallelSpeechHead, SpeechRefinedHead, speech_loss
+from fac_mini.srh import ParallelSpeechHead, SpeechRefinedHead, speech_loss, teacher_forcing_ids
 
 H, C, K = 16, 13, 5                     # LLM width, codebook (10 codes + bos/eos/pad), group size
 BOS, PAD = 10, 12
@@ -215,3 +215,15 @@ def test_bad_inputs_raise():
         head.generate_step(hidden, state)
         with pytest.raises(ValueError, match="one SRHState per batch"):
             head.generate_step(torch.randn(2, 1, H), state)
+
+
+def test_teacher_forcing_ids_by_hand():
+    labels = torch.tensor([[10, 11, 12, 13, 14, -100]])
+    previous, targets = teacher_forcing_ids(labels, group_size=2, pad_id=99)
+    assert previous.tolist() == [[11, 12, 13, 14, 99, 10]]        # label j + 1 (-100 -> pad; the end wraps)
+    assert targets.tolist() == [[12, 13, 14, -100, -100, -100]]   # label j + 2
+    previous, targets = teacher_forcing_ids(labels, group_size=1, pad_id=99)
+    assert torch.equal(previous, labels.masked_fill(labels == -100, 99))   # k = 1: the ordinary LM shift
+    assert targets.tolist() == [[11, 12, 13, 14, -100, -100]]
+    with pytest.raises(ValueError, match=r"\(B, k·L\)"):
+        teacher_forcing_ids(labels[0])

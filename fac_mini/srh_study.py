@@ -1,0 +1,489 @@
+"""Notebook 07's experiment: the Speech Refined Head against the naive parallel head, on real corpus speech.
+
+Both heads sit on the same small 5 Hz backbone that reads the assistant's two streams as Fun-Audio-Chat does
+(``fac_mini.model``): at every ``<|AUDIO|>`` position the average of the aligned transcript token's embedding and
+the grouped embedding of k = 5 speech ids, with the speech delayed by ``speech_delay`` bos ids (the released
+training data uses 10) so that the text runs two groups ahead. The speech ids are the shipped 25 Hz tokenizer's
+(``data/speech_tokenizer``, 243 FSQ codes); the transcript ids are the course BPE's.
+
+* ``head="srh"``: :class:`fac_mini.srh.SpeechRefinedHead` (pre_matching, a 2-layer CRQ transformer at 25 Hz,
+  lm_head tied to the speech table): token s of the next group is predicted *after* seeing token s − 1.
+* ``head="parallel"``: :class:`fac_mini.srh.ParallelSpeechHead`: one Linear H -> k·C, the k tokens of the next
+  group predicted independently from the same hidden state.
+
+:func:`evaluate_head` scores the teacher-forced predictions of held-out utterances per sub-step s (accuracy and
+perplexity on real speech codes), next to the "repeat the previous id" baseline that shows how much a 25 Hz token
+depends on its predecessor. ``python -m fac_mini srh train`` trains both heads with the same seed, data and
+steps on the train split, keeps each head's checkpoint with the lowest dev perplexity (measured every 100
+steps: both memorise the 1325 training utterances long before 1500 steps) and writes ``data/srh_study/``
+(``srh/`` and ``parallel/`` checkpoints and ``manifest.json`` with the training curves and the dev and test
+metrics; the test split holds the held-out question phrasings, whose words the models never heard).
+``python -m fac_mini srh eval`` re-measures the shipped checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import CACHE_DIR, DATA_DIR, file_sha256, set_seed
+from .llm import IGNORE_INDEX, LLMConfig, Qwen3Model
+from .model import (DiscreteAudioConfig, DiscreteAudioEncoder, FunAudioChatConfig, build_assistant_labels,
+                    fuse_text_and_speech)
+from .srh import ParallelSpeechHead, SpeechHeadOutput, SpeechRefinedHead, teacher_forcing_ids
+
+__all__ = [
+    "HEADS", "STUDY_DIR", "TRAIN_COMMAND", "StudyConfig", "SpeechStreamLM", "StreamBatch", "corpus_speech_tokens",
+    "stream_examples", "collate_streams", "head_metrics", "evaluate_head", "train_head", "save_head", "load_head",
+    "read_manifest", "main_train", "main_eval",
+]
+
+HEADS = ("srh", "parallel")
+STUDY_DIR = DATA_DIR / "srh_study"                 # shipped checkpoints + manifest
+TOKENS_DIR = CACHE_DIR / "srh_study"               # speech ids of the corpus, cached per tokenizer (not in git)
+TRAIN_COMMAND = "python -m fac_mini srh train"
+
+
+def _backbone_config() -> LLMConfig:
+    return LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+
+
+def _crq_config() -> LLMConfig:
+    return LLMConfig(vocab_size=1, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=20480)
+
+
+@dataclass
+class StudyConfig:
+    """Sizes and ids of the study model. Speech ids: ``codes`` tokenizer codes, then bos, eos, pad."""
+
+    head: str = "srh"                                  # "srh" or "parallel"
+    codes: int = 243                                   # the shipped speech tokenizer's FSQ codebook
+    group_size: int = 5                                # k
+    speech_delay: int = 10                             # bos ids before the speech (released training data)
+    backbone: LLMConfig = field(default_factory=_backbone_config)   # the 5 Hz LLM (vocab = course BPE)
+    crq: LLMConfig = field(default_factory=_crq_config)             # the SRH's 25 Hz transformer
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r}; use one of {HEADS}")
+        if self.codes < 1 or self.group_size < 1 or self.speech_delay < 0:
+            raise ValueError(f"need codes >= 1, group_size >= 1, speech_delay >= 0; got {self.codes}, "
+                             f"{self.group_size}, {self.speech_delay}")
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codes + 3
+
+    @property
+    def discrete(self) -> DiscreteAudioConfig:
+        return DiscreteAudioConfig(codebook_size=self.codebook_size, group_size=self.group_size,
+                                   bos_token_id=self.codes, eos_token_id=self.codes + 1, pad_token_id=self.codes + 2)
+
+    @property
+    def chat_config(self) -> FunAudioChatConfig:
+        """The FunAudioChat config whose stream and label rules (``build_assistant_labels``) the study uses."""
+        from .encoder import AudioEncoderConfig
+
+        return FunAudioChatConfig(audio_config=AudioEncoderConfig(output_dim=self.backbone.hidden_size),
+                                  discrete=self.discrete, crq_config=self.crq, text_config=self.backbone)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head": self.head, "codes": self.codes, "group_size": self.group_size,
+                "speech_delay": self.speech_delay, "backbone": self.backbone.to_dict(), "crq": self.crq.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StudyConfig":
+        return cls(head=data["head"], codes=data["codes"], group_size=data["group_size"],
+                   speech_delay=data["speech_delay"], backbone=LLMConfig(**data["backbone"]),
+                   crq=LLMConfig(**data["crq"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: corpus speech ids -> the assistant's parallel streams
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def corpus_speech_tokens(split: str, *, tokenizer_dir=None, cache_dir=TOKENS_DIR, batch_size: int = 32,
+                         limit: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """The speech tokenizer's 25 Hz ids of every utterance of ``split``: ``[{"id", "text", "speaker", "ids"}]``.
+
+    Cached in ``cache_dir`` under the tokenizer weights' sha256 (tokenizing the 1325 training clips takes about
+    half a minute). ``limit`` takes the first N utterances (not cached).
+    """
+    from tqdm.auto import tqdm
+
+    from .corpus import load_corpus
+    from .speech_tokenizer import SPEECH_TOKENIZER_DIR, load_speech_tokenizer
+
+    tokenizer_dir = Path(tokenizer_dir or SPEECH_TOKENIZER_DIR)
+    digest = file_sha256(tokenizer_dir / "model.safetensors")[:16]
+    cache_path = Path(cache_dir) / f"tokens-{split}-{digest}.pt"
+    if limit is None and cache_path.is_file():
+        return torch.load(cache_path, weights_only=False)
+    dataset = load_corpus(split)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    names, texts, speakers = dataset["id"], dataset["text"], dataset["speaker"]   # columns: no audio decoded
+    tokenizer = load_speech_tokenizer(tokenizer_dir)
+    rows = []
+    for start in tqdm(range(0, count, batch_size), desc=f"tokenize {split}", disable=not progress):
+        audio = dataset[start:min(start + batch_size, count)]["audio"]
+        ids, mask = tokenizer.encode([a["array"] for a in audio], audio[0]["sampling_rate"])   # (b, T25) each
+        for row in range(len(audio)):
+            i = start + row
+            rows.append({"id": names[i], "text": texts[i], "speaker": speakers[i], "ids": ids[row][mask[row]].clone()})
+    if limit is None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        torch.save(rows, tmp)
+        os.replace(tmp, cache_path)
+    return rows
+
+
+@dataclass
+class StreamBatch:
+    """A right-padded batch of assistant replies, one row each (L = 5 Hz positions).
+
+    input_ids (B, L): ``<|audio_bos|> <|AUDIO|> x G <|audio_eos|>``, then text pad. text_ids (B, L): the same with
+    each ``<|AUDIO|>`` replaced by its aligned transcript token (``<|sil|>`` padded). speech_groups (B, L, k):
+    the group each ``<|AUDIO|>`` reads (speech pad elsewhere). speech_labels (B, L, k): what the head learns
+    (the released labels: groups at ``<|AUDIO|>``, speech eos at ``<|audio_eos|>``, -100 elsewhere).
+    """
+
+    input_ids: torch.Tensor
+    text_ids: torch.Tensor
+    speech_groups: torch.Tensor
+    speech_labels: torch.Tensor
+
+
+def stream_examples(rows: Sequence[dict[str, Any]], config: StudyConfig | None = None,
+                    text_tokenizer=None) -> list[StreamBatch]:
+    """One unbatched ``StreamBatch`` (tensors without the batch dim) per utterance of ``corpus_speech_tokens``."""
+    from .tokenizer import load_tokenizer
+
+    config = config or StudyConfig()
+    chat = config.chat_config
+    text_tokenizer = text_tokenizer or load_tokenizer()
+    examples = []
+    for row in rows:
+        transcript = torch.tensor(text_tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        slot = build_assistant_labels(transcript, row["ids"], chat, speech_delay=config.speech_delay)
+        audio = slot.input_ids == chat.audio_token_index                                     # (G + 2,)
+        text_ids = slot.input_ids.clone()
+        text_ids[audio] = slot.text_stream
+        groups = torch.full((len(slot.input_ids), config.group_size), config.discrete.pad_token_id)
+        groups[audio] = slot.speech_groups
+        examples.append(StreamBatch(slot.input_ids, text_ids, groups, slot.speech_labels))
+    return examples
+
+
+def collate_streams(examples: Sequence[StreamBatch], text_pad_id: int = 0, speech_pad_id: int | None = None) -> StreamBatch:
+    """Right-pad unbatched examples into one ``StreamBatch`` (pad: text ``text_pad_id``, speech pad, labels -100)."""
+    if not examples:
+        raise ValueError("collate_streams needs at least one example")
+    if speech_pad_id is None:
+        speech_pad_id = StudyConfig().discrete.pad_token_id
+
+    def pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+        return nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value)
+
+    return StreamBatch(pad([e.input_ids for e in examples], text_pad_id),
+                       pad([e.text_ids for e in examples], text_pad_id),
+                       pad([e.speech_groups for e in examples], speech_pad_id),
+                       pad([e.speech_labels for e in examples], IGNORE_INDEX))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+class SpeechStreamLM(nn.Module):
+    """FunAudioChat's assistant side, reduced to what a speech head needs (same fusion, labels and shift).
+
+    embed_tokens (text), audio_tower (``DiscreteAudioEncoder``: mean of k speech embeddings + Linear), backbone
+    (``Qwen3Model`` without its own table), and ``speech_head``: the SRH (lm_head tied to
+    ``audio_tower.embed_tokens``, as released) or the parallel baseline.
+    """
+
+    def __init__(self, config: StudyConfig | None = None):
+        super().__init__()
+        self.config = config = config or StudyConfig()
+        hidden, disc = config.backbone.hidden_size, config.discrete
+        self.audio_token_index = config.chat_config.audio_token_index
+        self.embed_tokens = nn.Embedding(config.backbone.vocab_size, hidden)
+        self.audio_tower = DiscreteAudioEncoder(hidden, disc, config.backbone.initializer_range)
+        self.backbone = Qwen3Model(config.backbone, with_embeddings=False)
+        nn.init.normal_(self.embed_tokens.weight, std=config.backbone.initializer_range)
+        if config.head == "srh":
+            self.speech_head = SpeechRefinedHead(hidden, config.crq, disc.codebook_size, disc.group_size,
+                                                 disc.bos_token_id, disc.pad_token_id,
+                                                 speech_embedding=self.audio_tower.embed_tokens)
+        else:
+            self.speech_head = ParallelSpeechHead(hidden, disc.codebook_size, disc.group_size)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of the backbone side (text table, audio tower, LLM) and of the head (tied table counted once)."""
+        backbone = {id(p): p.numel() for name, p in self.named_parameters() if not name.startswith("speech_head.")}
+        head = {id(p): p.numel() for p in self.speech_head.parameters() if id(p) not in backbone}
+        return {"backbone": sum(backbone.values()), "head": sum(head.values()),
+                "total": sum(backbone.values()) + sum(head.values())}
+
+    def forward(self, batch: StreamBatch) -> SpeechHeadOutput:
+        """Teacher-forced logits (B, k·L, C) at 25 Hz positions and the speech loss (released shift)."""
+        audio = batch.input_ids == self.audio_token_index                                  # (B, L)
+        text_embeds = self.embed_tokens(batch.text_ids)                                    # (B, L, H)
+        speech = self.audio_tower(batch.speech_groups.flatten(1))                          # (B, L, H)
+        fused = fuse_text_and_speech(text_embeds, speech)                                  # released: average
+        inputs = torch.where(audio[..., None], fused, text_embeds)
+        hidden = self.backbone(inputs_embeds=inputs)                                       # (B, L, H), causal
+        return self.speech_head(hidden, batch.speech_labels, text_embeds=text_embeds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring a head
+# ----------------------------------------------------------------------------------------------------------
+def head_metrics(logits: torch.Tensor, speech_labels: torch.Tensor, group_size: int, codes: int,
+                 pad_id: int) -> dict[str, torch.Tensor]:
+    """Per-sub-step sums of one teacher-forced batch (add them over batches, then :func:`summarize_metrics`).
+
+    logits (B, k·L, C), speech_labels (B, k·L). Position j = k·p + s is scored against label j + k when that
+    is a real speech code (< ``codes``: the delay bos ids, eos and padding are left out). Returns (k,) tensors:
+    ``count``, ``correct`` (argmax right), ``nll`` (summed −log p of the label) and ``repeat`` (the label equals
+    the id the position read, label j + k − 1: what "repeat the previous id" would get right).
+    """
+    previous, targets = teacher_forcing_ids(speech_labels, group_size, pad_id)
+    scored = (targets >= 0) & (targets < codes)                                            # (B, k·L)
+    sub_step = torch.arange(targets.shape[1], device=targets.device) % group_size          # (k·L,)
+    safe = targets.clamp(min=0)
+    nll = -logits.float().log_softmax(dim=-1).gather(-1, safe[..., None])[..., 0]          # (B, k·L)
+    correct = logits.argmax(dim=-1) == safe
+    repeat = previous == safe
+
+    def per_step(values: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(group_size, dtype=torch.float64, device=values.device)
+        return sums.index_add(0, sub_step.expand_as(values)[scored], values[scored].double())
+
+    return {"count": per_step(torch.ones_like(nll)), "correct": per_step(correct.float()), "nll": per_step(nll),
+            "repeat": per_step(repeat.float())}
+
+
+def summarize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Rounded accuracy / perplexity overall and per sub-step s = 0..k−1, and the repeat baseline's accuracy."""
+    count = sums["count"]
+    if not count.sum() > 0:
+        raise ValueError("no speech token was scored")
+    round4 = lambda x: round(float(x), 4)                                                  # noqa: E731
+    return {"tokens": int(count.sum()),
+            "accuracy": round4(sums["correct"].sum() / count.sum()),
+            "perplexity": round4(math.exp(sums["nll"].sum() / count.sum())),
+            "repeat_accuracy": round4(sums["repeat"].sum() / count.sum()),
+            "per_sub_step": {"accuracy": [round4(v) for v in sums["correct"] / count],
+                             "perplexity": [round4(math.exp(v)) for v in sums["nll"] / count],
+                             "repeat_accuracy": [round4(v) for v in sums["repeat"] / count],
+                             "tokens": [int(v) for v in count]}}
+
+
+@torch.no_grad()
+def evaluate_head(model: SpeechStreamLM, examples: Sequence[StreamBatch], batch_size: int = 64) -> dict[str, Any]:
+    """Teacher-forced metrics of ``model`` on ``examples`` (see :func:`head_metrics`), with the mean loss."""
+    config = model.config
+    was_training = model.training
+    model.eval()
+    sums, losses, weights = None, 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate_streams(examples[start:start + batch_size], speech_pad_id=config.discrete.pad_token_id)
+        output = model(batch)
+        labels = batch.speech_labels.flatten(1)
+        part = head_metrics(output.logits, labels, config.group_size, config.codes, config.discrete.pad_token_id)
+        sums = part if sums is None else {name: sums[name] + part[name] for name in sums}
+        scored = int((teacher_forcing_ids(labels, config.group_size)[1] != IGNORE_INDEX).sum())
+        losses, weights = losses + float(output.loss) * scored, weights + scored
+    model.train(was_training)
+    return summarize_metrics(sums) | {"loss": round(losses / weights, 4)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training, saving, loading
+# ----------------------------------------------------------------------------------------------------------
+def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to 10 % of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *, batch_size: int = 32,
+               lr: float = 3e-3, weight_decay: float = 0.01, warmup: int = 100, seed: int = 0,
+               log_every: int = 25, config: StudyConfig | None = None, progress: bool = True,
+               threads: int | None = 1, eval_examples: Sequence[StreamBatch] | None = None,
+               eval_every: int = 100) -> tuple[SpeechStreamLM, list[dict[str, float]]]:
+    """Train a ``SpeechStreamLM`` with the given head from scratch on ``examples``; return (model, log).
+
+    AdamW, gradient clipping at 1, warm-up + cosine schedule; the initial weights come from ``set_seed(seed)`` and
+    the batch order from a ``torch.Generator(seed)``, so both heads see the same batches in the same order and a
+    rerun with the same thread count gives the same weights. ``log`` rows: step, mean loss over the last
+    ``log_every`` steps (nats per speech token), learning rate. ``threads``: torch threads while training
+    (restored after; one is fastest for a model this small on a shared 2-core machine).
+
+    With ``eval_examples`` (held-out utterances, e.g. the dev split) the model is measured every ``eval_every``
+    steps (rows with ``eval_loss`` and ``eval_perplexity``) and the weights with the lowest held-out perplexity
+    are returned (early stopping: a model this size memorises 1325 utterances long before the last step).
+    """
+    from tqdm.auto import tqdm
+
+    if steps <= 0 or batch_size <= 0 or log_every <= 0 or not lr > 0:
+        raise ValueError(f"need steps, batch_size, log_every and lr > 0; got {steps}, {batch_size}, {log_every}, {lr}")
+    if not examples:
+        raise ValueError("train_head needs at least one example")
+    config = dataclasses.replace(config or StudyConfig(), head=head)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        set_seed(seed)
+        model = SpeechStreamLM(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        log, window, best = [], [], None
+        for step in tqdm(range(steps), desc=f"train {head}", disable=not progress):
+            if len(order) < batch_size:
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            chosen, order = order[:batch_size], order[batch_size:]
+            batch = collate_streams([examples[i] for i in chosen], speech_pad_id=config.discrete.pad_token_id)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(step, steps, lr, warmup)
+            loss = model(batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            window.append(loss.item())
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                log.append({"step": step + 1, "loss": round(sum(window) / len(window), 4),
+                            "lr": round(optimizer.param_groups[0]["lr"], 6)})
+                window = []
+            if eval_examples is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                measured = evaluate_head(model, eval_examples)
+                log.append({"step": step + 1, "eval_loss": measured["loss"],
+                            "eval_perplexity": measured["perplexity"], "eval_accuracy": measured["accuracy"]})
+                if best is None or measured["perplexity"] < best[0]:
+                    best = (measured["perplexity"], step + 1, copy.deepcopy(model.state_dict()))
+                model.train()
+    finally:
+        torch.set_num_threads(previous_threads)
+    if best is not None:
+        model.load_state_dict(best[2])
+        log.append({"best_step": best[1], "eval_perplexity": best[0]})
+    return model.eval(), log
+
+
+def save_head(model: SpeechStreamLM, directory) -> dict[str, str]:
+    """Write ``model.safetensors`` and ``config.json`` to ``directory``; return their sha256 by file name."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()
+               if name != "speech_head.lm_head.weight" or model.config.head != "srh"}            # tied: stored once
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    return {name: file_sha256(directory / name) for name in ("model.safetensors", "config.json")}
+
+
+def load_head(head: str, directory=STUDY_DIR) -> SpeechStreamLM:
+    """A checkpoint written by :func:`save_head` (default: the shipped ``data/srh_study/<head>``), in eval mode."""
+    from safetensors.torch import load_file
+
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}; use one of {HEADS}")
+    folder = Path(directory) / head
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found; run `{TRAIN_COMMAND}`")
+    model = SpeechStreamLM(StudyConfig.from_dict(json.loads((folder / "config.json").read_text())))
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    missing = [name for name in missing if name != "speech_head.lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return model.eval()
+
+
+def read_manifest(directory=STUDY_DIR) -> dict[str, Any]:
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `{TRAIN_COMMAND}`")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """``python -m fac_mini srh train``: train both heads (early stopping on dev), write data/srh_study/ with the
+    training curves and the dev and test metrics."""
+    parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between dev measurements (the "
+                        "checkpoint with the lowest dev perplexity is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (reproduction needs the same count)")
+    parser.add_argument("--out", type=Path, default=STUDY_DIR)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    command = (f"{TRAIN_COMMAND} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
+               f"--seed {args.seed} --eval-every {args.eval_every} --threads {args.threads}")
+    config = StudyConfig()
+    train, dev, test = (stream_examples(corpus_speech_tokens(split, progress=True), config)
+                        for split in ("train", "dev", "test"))
+    manifest: dict[str, Any] = {"command": command, "seed": args.seed, "steps": args.steps,
+                                "batch_size": args.batch_size, "lr": args.lr, "torch": torch.__version__,
+                                "threads": args.threads, "eval_every": args.eval_every,
+                                "utterances": {"train": len(train), "dev": len(dev), "test": len(test)},
+                                "speech_tokenizer_sha256": file_sha256(
+                                    DATA_DIR / "speech_tokenizer" / "model.safetensors"), "heads": {}}
+    for head in HEADS:
+        started = time.perf_counter()
+        model, log = train_head(head, train, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                config=config, threads=args.threads, eval_examples=dev, eval_every=args.eval_every)
+        seconds = round(time.perf_counter() - started, 1)
+        files = save_head(model, args.out / head)
+        model = load_head(head, args.out)                  # measure exactly what was shipped
+        manifest["heads"][head] = {"train_seconds": seconds, "best_step": log[-1]["best_step"],
+                                   "parameters": model.parameter_counts(), "files_sha256": files, "log": log,
+                                   "dev": evaluate_head(model, dev), "test": evaluate_head(model, test)}
+        summary = {split: {k: manifest["heads"][head][split][k] for k in ("accuracy", "perplexity")}
+                   for split in ("dev", "test")}
+        print(json.dumps({head: {"train_seconds": seconds, "best_step": log[-1]["best_step"]} | summary}))
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return 0
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    """``python -m fac_mini srh eval [--split test]``: teacher-forced metrics of the shipped heads, as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m fac_mini srh eval", description=main_eval.__doc__)
+    parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    parser.add_argument("--dir", type=Path, default=STUDY_DIR)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    examples = None
+    results = {}
+    for head in HEADS:
+        model = load_head(head, args.dir)
+        if examples is None:
+            examples = stream_examples(corpus_speech_tokens(args.split), model.config)
+        results[head] = evaluate_head(model, examples) | {"parameters": model.parameter_counts()}
+    print(json.dumps(results, indent=1))
+    return 0

@@ -1,0 +1,132 @@
+"""fac_mini.srh_study: the SRH vs parallel-head experiment of notebook 07 (streams, model, metrics, shipped run)."""
+import json
+import math
+
+import pytest
+import torch
+
+from fac_mini.corpus import load_corpus
+from fac_mini.llm import IGNORE_INDEX
+from fac_mini.speech_tokenizer import load_speech_tokenizer
+from fac_mini.srh_study import (HEADS, SpeechStreamLM, StudyConfig, collate_streams, corpus_speech_tokens,
+                                evaluate_head, head_metrics, load_head, main_eval, read_manifest, save_head,
+                                stream_examples, summarize_metrics, train_head)
+from fac_mini.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIG = StudyConfig()
+BOS, EOS, PAD = CONFIG.codes, CONFIG.codes + 1, CONFIG.codes + 2
+
+
+def _rows(lengths=(12, 7, 23), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    texts = ["bob", "alice lives in paris", "what colour does carol like best"]
+    return [{"id": f"u{i}", "text": texts[i % 3], "speaker": "spk00",
+             "ids": torch.randint(0, CONFIG.codes, (n,), generator=generator)} for i, n in enumerate(lengths)]
+
+
+def test_stream_example_follows_the_released_streams():
+    tokenizer = load_tokenizer()
+    row = _rows()[0]
+    example = stream_examples([row], CONFIG, tokenizer)[0]
+    groups = math.ceil((12 + CONFIG.speech_delay) / CONFIG.group_size)                     # 22 ids -> 5 groups
+    assert example.input_ids.tolist() == [4] + [3] * groups + [5]                          # bos AUDIO.. eos
+    transcript = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+    assert len(transcript) < groups
+    assert example.text_ids[1:-1].tolist() == transcript + [7] * (groups - len(transcript))   # <|sil|> padded
+    speech = torch.cat((torch.full((CONFIG.speech_delay,), BOS), row["ids"]))
+    speech = torch.cat((speech, torch.full((groups * 5 - len(speech),), PAD))).view(groups, 5)
+    assert torch.equal(example.speech_groups[1:-1], speech)
+    assert (example.speech_groups[[0, -1]] == PAD).all()
+    labels = speech.masked_fill(speech == PAD, IGNORE_INDEX)
+    assert torch.equal(example.speech_labels[1:-1], labels)
+    assert (example.speech_labels[0] == IGNORE_INDEX).all() and (example.speech_labels[-1] == EOS).all()
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_batched_right_padding_equals_one_by_one(head):
+    torch.manual_seed(0)
+    model = SpeechStreamLM(StudyConfig(head=head)).eval()
+    examples = stream_examples(_rows(), CONFIG)
+    batch = collate_streams(examples)
+    with torch.no_grad():
+        batched = model(batch).logits
+        for row, example in enumerate(examples):
+            alone = model(collate_streams([example])).logits[0]
+            assert torch.allclose(batched[row, :len(alone)], alone, atol=1e-5)
+
+
+def test_srh_head_is_tied_to_the_speech_table_and_saved_once(tmp_path):
+    torch.manual_seed(0)
+    model = SpeechStreamLM(StudyConfig(head="srh"))
+    assert model.speech_head.lm_head.weight is model.audio_tower.embed_tokens.weight
+    counts = model.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["head"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("speech_head."))
+    save_head(model, tmp_path / "srh")
+    from safetensors.torch import load_file
+    assert "speech_head.lm_head.weight" not in load_file(str(tmp_path / "srh" / "model.safetensors"))
+    loaded = load_head("srh", tmp_path)
+    assert loaded.speech_head.lm_head.weight is loaded.audio_tower.embed_tokens.weight
+    batch = collate_streams(stream_examples(_rows(), CONFIG))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(batch).logits, loaded(batch).logits)
+    with pytest.raises(FileNotFoundError, match="srh train"):
+        load_head("parallel", tmp_path)
+    with pytest.raises(ValueError, match="head"):
+        StudyConfig(head="mtp")
+
+
+def test_head_metrics_on_known_logits():
+    k, codes, pad = 2, 4, 6
+    labels = torch.tensor([[0, 0, 1, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX],
+                           [5, 5, 3, 3, 3, 0, 4, IGNORE_INDEX]])                         # 4 = bos, 5 = eos
+    targets = torch.tensor([[1, 1, 2, 3, -1, -1, -1, -1], [3, 3, 3, 0, -1, -1, -1, -1]])   # label j + k, real only
+    perfect = torch.full((2, 8, 7), -30.0).scatter(-1, targets.clamp(min=0)[..., None], 30.0)
+    sums = head_metrics(perfect, labels, k, codes, pad)
+    # scored: row 0 j = 0..3 (targets 1 1 2 3), row 1 j = 0..3 (3 3 3 0); sub-step = j mod 2
+    assert sums["count"].tolist() == [4.0, 4.0]
+    assert sums["correct"].tolist() == [4.0, 4.0]
+    # previous[j] = label j + 1: row 0 -> 0 1 1 2 vs 1 1 2 3 (repeat at j = 1); row 1 -> 5 3 3 3 vs 3 3 3 0
+    assert sums["repeat"].tolist() == [1.0, 2.0]
+    summary = summarize_metrics(sums)
+    assert summary["accuracy"] == 1.0 and summary["perplexity"] == 1.0 and summary["tokens"] == 8
+    assert summary["repeat_accuracy"] == 0.375 and summary["per_sub_step"]["repeat_accuracy"] == [0.25, 0.5]
+    uniform = summarize_metrics(head_metrics(torch.zeros(2, 8, 7), labels, k, codes, pad))
+    assert abs(uniform["perplexity"] - 7.0) < 1e-3
+    with pytest.raises(ValueError, match="no speech token"):
+        summarize_metrics(head_metrics(perfect, torch.full_like(labels, IGNORE_INDEX), k, codes, pad))
+
+
+def test_training_is_reproducible_and_learns():
+    examples = stream_examples(_rows(), CONFIG)
+    first, log = train_head("srh", examples, 40, batch_size=3, warmup=5, log_every=10, progress=False)
+    again, _ = train_head("srh", examples, 40, batch_size=3, warmup=5, log_every=10, progress=False)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [row["step"] for row in log] == [10, 20, 30, 40]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
+    with pytest.raises(ValueError, match="steps"):
+        train_head("parallel", examples, 0)
+
+
+def test_batched_tokens_equal_tokenize_per_clip():
+    rows = corpus_speech_tokens("test", limit=3)
+    tokenizer = load_speech_tokenizer()
+    test = load_corpus("test")
+    for i, row in enumerate(rows):
+        assert row["id"] == test[i]["id"]
+        assert torch.equal(row["ids"], tokenizer.tokenize(test[i]["audio"]["array"]))
+
+
+def test_shipped_run_reproduces_its_metrics_and_the_srh_wins(capsys):
+    manifest = read_manifest()
+    assert main_eval([]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    for head in HEADS:
+        shipped = manifest["heads"][head]
+        assert {k: v for k, v in measured[head].items() if k != "parameters"} == shipped["test"]
+        assert measured[head]["parameters"] == shipped["parameters"]
+    srh, parallel = (manifest["heads"][h]["test"]["per_sub_step"]["accuracy"] for h in HEADS)
+    assert all(s > p for s, p in zip(srh[1:], parallel[1:]))        # sub-steps that can see the previous id
+    assert manifest["heads"]["srh"]["test"]["perplexity"] < manifest["heads"]["parallel"]["test"]["perplexity"]
