@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ __all__ = [
 HEADS = ("srh", "parallel")
 STUDY_DIR = DATA_DIR / "srh_study"                 # shipped checkpoints + manifest
 TOKENS_DIR = CACHE_DIR / "srh_study"               # speech ids of the corpus, cached per tokenizer (not in git)
+WORK_DIR = CACHE_DIR / "srh_study_run"             # resumable training states (not in git)
 TRAIN_COMMAND = "python -m fac_mini srh train"
 
 
@@ -324,11 +326,29 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _run_key(config: StudyConfig, hyper: dict[str, Any], examples: Sequence[StreamBatch],
+             eval_examples: Sequence[StreamBatch] | None) -> str:
+    """A digest of everything that determines a training run (config, hyper-parameters, both data sets)."""
+    digest = hashlib.sha256(json.dumps([config.to_dict(), hyper], sort_keys=True).encode())
+    for example in list(examples) + list(eval_examples or []):
+        for tensor in (example.input_ids, example.text_ids, example.speech_groups, example.speech_labels):
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *, batch_size: int = 32,
                lr: float = 3e-3, weight_decay: float = 0.01, warmup: int = 100, seed: int = 0,
                log_every: int = 25, config: StudyConfig | None = None, progress: bool = True,
                threads: int | None = 1, eval_examples: Sequence[StreamBatch] | None = None,
-               eval_every: int = 100) -> tuple[SpeechStreamLM, list[dict[str, float]]]:
+               eval_every: int = 100, work_dir=None, checkpoint_every: int = 100, resume: bool = True,
+               stop_after: int | None = None) -> tuple[SpeechStreamLM, list[dict[str, float]]]:
     """Train a ``SpeechStreamLM`` with the given head from scratch on ``examples``; return (model, log).
 
     AdamW, gradient clipping at 1, warm-up + cosine schedule; the initial weights come from ``set_seed(seed)`` and
@@ -340,14 +360,26 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
     With ``eval_examples`` (held-out utterances, e.g. the dev split) the model is measured every ``eval_every``
     steps (rows with ``eval_loss`` and ``eval_perplexity``) and the weights with the lowest held-out perplexity
     are returned (early stopping: a model this size memorises 1325 utterances long before the last step).
+
+    With ``work_dir`` the whole training state (weights, optimizer, batch generator and queue, log, best weights,
+    step) is written atomically to ``work_dir/<head>-<run key>.pt`` every ``checkpoint_every`` steps; the run key
+    hashes the config, hyper-parameters and data, and with ``resume`` a later call of the same run continues from
+    it to bit-identical weights. ``stop_after`` ends the call after that many steps in all, as if interrupted
+    (the model is returned as it is then, without the early-stopping choice).
     """
     from tqdm.auto import tqdm
 
-    if steps <= 0 or batch_size <= 0 or log_every <= 0 or not lr > 0:
-        raise ValueError(f"need steps, batch_size, log_every and lr > 0; got {steps}, {batch_size}, {log_every}, {lr}")
+    if steps <= 0 or batch_size <= 0 or log_every <= 0 or eval_every <= 0 or checkpoint_every <= 0 or not lr > 0:
+        raise ValueError(f"need steps, batch_size, log_every, eval_every, checkpoint_every and lr > 0; got {steps}, "
+                         f"{batch_size}, {log_every}, {eval_every}, {checkpoint_every}, {lr}")
     if not examples:
         raise ValueError("train_head needs at least one example")
     config = dataclasses.replace(config or StudyConfig(), head=head)
+    hyper = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+             "seed": seed, "log_every": log_every, "eval_every": eval_every}
+    state_path = None if work_dir is None else Path(work_dir) / (
+        f"{head}-{_run_key(config, hyper, examples, eval_examples)}.pt")
+    last = steps if stop_after is None else min(steps, stop_after)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -356,9 +388,16 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
         model = SpeechStreamLM(config).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
-        order: list[int] = []
-        log, window, best = [], [], None
-        for step in tqdm(range(steps), desc=f"train {head}", disable=not progress):
+        start, order, log, window, best = 0, [], [], [], None
+        if resume and state_path is not None and state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            start, order, log, window, best = (state["step"], state["order"], state["log"], state["window"],
+                                               state["best"])
+        for step in tqdm(range(start, last), desc=f"train {head}", initial=start, total=steps,
+                         disable=not progress):
             if len(order) < batch_size:
                 order += torch.randperm(len(examples), generator=generator).tolist()
             chosen, order = order[:batch_size], order[batch_size:]
@@ -382,11 +421,17 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
                 if best is None or measured["perplexity"] < best[0]:
                     best = (measured["perplexity"], step + 1, copy.deepcopy(model.state_dict()))
                 model.train()
+            if state_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == last):
+                _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "generator": generator.get_state(), "step": step + 1, "order": order,
+                                    "log": log, "window": window, "best": best}, state_path)
     finally:
         torch.set_num_threads(previous_threads)
+    if last < steps:
+        return model.eval(), log
     if best is not None:
         model.load_state_dict(best[2])
-        log.append({"best_step": best[1], "eval_perplexity": best[0]})
+        log = log + [{"best_step": best[1], "eval_perplexity": best[0]}]
     return model.eval(), log
 
 
@@ -398,8 +443,12 @@ def save_head(model: SpeechStreamLM, directory) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()
                if name != "speech_head.lm_head.weight" or model.config.head != "srh"}            # tied: stored once
-    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    tmp = directory / "model.safetensors.tmp"
+    save_file(weights, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    os.replace(tmp, directory / "config.json")
     return {name: file_sha256(directory / name) for name in ("model.safetensors", "config.json")}
 
 
@@ -443,6 +492,8 @@ def main_train(argv: Sequence[str] | None = None) -> int:
                         "checkpoint with the lowest dev perplexity is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (reproduction needs the same count)")
     parser.add_argument("--out", type=Path, default=STUDY_DIR)
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="resumable training states")
+    parser.add_argument("--restart", action="store_true", help="ignore saved training states and start over")
     args = parser.parse_args(list(argv) if argv is not None else None)
     command = (f"{TRAIN_COMMAND} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
                f"--seed {args.seed} --eval-every {args.eval_every} --threads {args.threads}")
@@ -458,7 +509,8 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     for head in HEADS:
         started = time.perf_counter()
         model, log = train_head(head, train, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                config=config, threads=args.threads, eval_examples=dev, eval_every=args.eval_every)
+                                config=config, threads=args.threads, eval_examples=dev, eval_every=args.eval_every,
+                                work_dir=args.work_dir, resume=not args.restart)
         seconds = round(time.perf_counter() - started, 1)
         files = save_head(model, args.out / head)
         model = load_head(head, args.out)                  # measure exactly what was shipped

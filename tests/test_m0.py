@@ -8,7 +8,8 @@ import torch
 from fac_mini import DATA_DIR
 from fac_mini.checks import check_chat_prompt, check_qa_labels
 from fac_mini.llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM
-from fac_mini.m0 import (M0_CONFIG, _sha256, build_m0_sequences, chat_prompt, chat_text, collate,
+from fac_mini import file_sha256
+from fac_mini.m0 import (M0_CONFIG, build_m0_sequences, chat_prompt, chat_text, collate,
                          evaluate_knowledge, load_m0, qa_labels, save_m0, statement_text, train_m0)
 from fac_mini.tokenizer import load_tokenizer
 from fac_mini.world import QUESTIONS, HELD_OUT_QUESTION, build_world
@@ -168,7 +169,7 @@ def test_self_checks(capsys):
 def test_shipped_checkpoint_matches_manifest_and_knows_the_world():
     manifest = json.loads((SHIPPED / "manifest.json").read_text())
     for name, digest in manifest["files_sha256"].items():
-        assert _sha256(SHIPPED / name) == digest, f"{name} differs from manifest.json"
+        assert file_sha256(SHIPPED / name) == digest, f"{name} differs from manifest.json"
     assert (SHIPPED / "model.safetensors").stat().st_size < 8_000_000
     model, tokenizer = load_m0(SHIPPED)
     assert model.config == M0_CONFIG

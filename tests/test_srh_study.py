@@ -130,3 +130,16 @@ def test_shipped_run_reproduces_its_metrics_and_the_srh_wins(capsys):
     srh, parallel = (manifest["heads"][h]["test"]["per_sub_step"]["accuracy"] for h in HEADS)
     assert all(s > p for s, p in zip(srh[1:], parallel[1:]))        # sub-steps that can see the previous id
     assert manifest["heads"]["srh"]["test"]["perplexity"] < manifest["heads"]["parallel"]["test"]["perplexity"]
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    examples = stream_examples(_rows(), CONFIG)
+    options = dict(batch_size=2, warmup=3, log_every=5, eval_every=5, checkpoint_every=5, progress=False,
+                   eval_examples=examples[:1])
+    whole, whole_log = train_head("srh", examples, 20, **options)
+    train_head("srh", examples, 20, work_dir=tmp_path, stop_after=12, **options)     # "interrupted" at 12
+    assert len(list(tmp_path.glob("srh-*.pt"))) == 1
+    resumed, resumed_log = train_head("srh", examples, 20, work_dir=tmp_path, **options)
+    assert resumed_log == whole_log and whole_log[-1]["best_step"] in (5, 10, 15, 20)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
