@@ -47,7 +47,7 @@ from .srh import ParallelSpeechHead, SpeechHeadOutput, SpeechRefinedHead, teache
 
 __all__ = [
     "HEADS", "STUDY_DIR", "TRAIN_COMMAND", "StudyConfig", "SpeechStreamLM", "StreamBatch", "corpus_speech_tokens",
-    "stream_examples", "collate_streams", "head_metrics", "evaluate_head", "train_head", "save_head", "load_head",
+    "stream_examples", "collate_streams", "generate_reply_speech", "head_metrics", "evaluate_head", "train_head", "save_head", "load_head",
     "read_manifest", "main_train", "main_eval",
 ]
 
@@ -241,15 +241,62 @@ class SpeechStreamLM(nn.Module):
         return {"backbone": sum(backbone.values()), "head": sum(head.values()),
                 "total": sum(backbone.values()) + sum(head.values())}
 
-    def forward(self, batch: StreamBatch) -> SpeechHeadOutput:
-        """Teacher-forced logits (B, k·L, C) at 25 Hz positions and the speech loss (released shift)."""
+    def hidden_states(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's last hidden states (B, L, H) and the text embeddings (B, L, H) the head adds."""
         audio = batch.input_ids == self.audio_token_index                                  # (B, L)
         text_embeds = self.embed_tokens(batch.text_ids)                                    # (B, L, H)
         speech = self.audio_tower(batch.speech_groups.flatten(1))                          # (B, L, H)
         fused = fuse_text_and_speech(text_embeds, speech)                                  # released: average
         inputs = torch.where(audio[..., None], fused, text_embeds)
-        hidden = self.backbone(inputs_embeds=inputs)                                       # (B, L, H), causal
+        return self.backbone(inputs_embeds=inputs), text_embeds                            # causal
+
+    def forward(self, batch: StreamBatch) -> SpeechHeadOutput:
+        """Teacher-forced logits (B, k·L, C) at 25 Hz positions and the speech loss (released shift)."""
+        hidden, text_embeds = self.hidden_states(batch)
         return self.speech_head(hidden, batch.speech_labels, text_embeds=text_embeds)
+
+
+@torch.no_grad()
+def generate_reply_speech(model: SpeechStreamLM, example: StreamBatch, *, do_sample: bool = False,
+                          temperature: float = 1.0, top_p: float = 1.0,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Free-running speech for one reply: the model says the reply's transcript on its own.
+
+    ``example`` (unbatched, from :func:`stream_examples`) gives the text stream and the delay's bos groups; from
+    the first group after them on, each group is the head's output for the previous position's hidden state
+    (the SRH samples its 5 ids one after another with its KV cache, the parallel head all at once) and is fed
+    back as that position's speech input, while the text input stays the reply's aligned transcript. Greedy
+    unless ``do_sample`` (then ``temperature`` and nucleus ``top_p``, drawn with ``generator``). Returns the
+    generated speech ids (n,) up to the first id that is not a speech code (eos, bos or pad), ready to be read
+    back by the speech tokenizer (``SpeechTokenizer.transcribe_ids``).
+    """
+    config, head = model.config, model.speech_head
+    if example.input_ids.dim() != 1:
+        raise ValueError("generate_reply_speech takes one unbatched example (from stream_examples)")
+    audio_positions = (example.input_ids == model.audio_token_index).nonzero().flatten()
+    first = int(audio_positions[0]) + config.speech_delay // config.group_size           # first generated group
+    last = int(audio_positions[-1])
+    if first > last:
+        raise ValueError("the reply has no speech group after the delay")
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+    groups = example.speech_groups.clone()                                                 # (L, k), filled in
+    state = head.new_state() if isinstance(head, SpeechRefinedHead) else None
+    was_training = model.training
+    model.eval()
+    for position in range(first - 1, last):              # the hidden state at `position` says group position + 1
+        prefix = StreamBatch(example.input_ids[None, :position + 1], example.text_ids[None, :position + 1],
+                             groups[None, :position + 1], example.speech_labels[None, :position + 1])
+        hidden, text_embeds = model.hidden_states(prefix)                                  # (1, position + 1, H)
+        if state is None:
+            step = head.generate_step(hidden[:, -1:], text_embeds[:, -1:], **sampling)
+        else:                                            # prefill the SRH's cache once, then one position a step
+            new = slice(0, position + 1) if position == first - 1 else slice(position, position + 1)
+            step = head.generate_step(hidden[:, new], state, text_embeds[:, new], **sampling)
+        groups[position + 1] = step.tokens[0]
+    model.train(was_training)
+    ids = groups[first:last + 1].flatten()                                                 # (k·(last − first + 1),)
+    stop = (ids >= config.codes).nonzero()
+    return ids if not len(stop) else ids[:int(stop[0])]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -244,6 +244,19 @@ def test_shipped_checkpoint(clips):
     assert metrics["tokens_per_second"] == pytest.approx(25, abs=0.5)
 
 
+def test_transcribe_ids_reads_the_same_text_from_ids_alone(clips):
+    model = SpeechTokenizer.from_pretrained(SPEECH_TOKENIZER_DIR)
+    waves = [clip["audio"]["array"] for clip in clips[:4]]
+    ids, mask = model.encode(waves)
+    assert model.transcribe_ids([row[keep] for row, keep in zip(ids, mask)]) == model.transcribe(waves)
+    rows = [ids[0][mask[0]][:12], ids[1][mask[1]]]                    # different lengths: padding must not leak
+    assert model.transcribe_ids(rows) == [model.transcribe_ids([row])[0] for row in rows]
+    for bad in ([], [torch.tensor([], dtype=torch.long)], [torch.tensor([1.0, 2.0])], [torch.tensor([0, 243])],
+                [torch.tensor([[1, 2]])]):
+        with pytest.raises(ValueError, match="transcribe_ids|ids must lie"):
+            model.transcribe_ids(bad)
+
+
 def test_check_fsq_quantize(capsys):
     from fac_mini.checks import check_fsq_quantize
 

@@ -1,4 +1,5 @@
 """fac_mini.srh_study: the SRH vs parallel-head experiment of notebook 07 (streams, model, metrics, shipped run)."""
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ from fac_mini.corpus import load_corpus
 from fac_mini.llm import IGNORE_INDEX
 from fac_mini.speech_tokenizer import load_speech_tokenizer
 from fac_mini.srh_study import (HEADS, SpeechStreamLM, StudyConfig, collate_streams, corpus_speech_tokens,
-                                evaluate_head, head_metrics, load_head, main_eval, read_manifest, save_head,
+                                evaluate_head, generate_reply_speech, head_metrics, load_head, main_eval, read_manifest, save_head,
                                 stream_examples, summarize_metrics, train_head)
 from fac_mini.tokenizer import load_tokenizer
 
@@ -143,3 +144,35 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path):
     assert resumed_log == whole_log and whole_log[-1]["best_step"] in (5, 10, 15, 20)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_free_running_generation(head):
+    torch.manual_seed(1)
+    model = SpeechStreamLM(StudyConfig(head=head)).eval()
+    example = stream_examples(_rows(), CONFIG)[2]                      # 23 ids + 10 delay -> 7 groups
+    greedy = generate_reply_speech(model, example)
+    assert greedy.dtype == torch.long and len(greedy) <= 5 * (7 - 2) and bool((greedy < CONFIG.codes).all())
+    assert torch.equal(greedy, generate_reply_speech(model, example))              # greedy is deterministic
+    draws = [generate_reply_speech(model, example, do_sample=True, generator=torch.Generator().manual_seed(3))
+             for _ in range(2)]
+    assert torch.equal(*draws)                                                      # seeded sampling repeats
+    assert model.training is False and example.speech_groups[3:].eq(
+        stream_examples(_rows(), CONFIG)[2].speech_groups[3:]).all()               # the example is not mutated
+
+
+def test_parallel_greedy_generation_equals_teacher_forced_argmax():
+    """Fed back its own groups, the parallel head's teacher-forced argmax is what it generated (it reads no
+    previous id); checked on a model trained a little, so that it emits speech codes rather than eos."""
+    examples = stream_examples(_rows(), CONFIG)
+    model, _ = train_head("parallel", examples, 30, batch_size=3, warmup=5, log_every=10, progress=False)
+    example = examples[2]
+    generated = generate_reply_speech(model, example)
+    assert len(generated) >= 10, "too short to test"
+    first = 1 + CONFIG.speech_delay // CONFIG.group_size
+    groups = example.speech_groups.clone()
+    groups[first:first + len(generated) // 5] = generated[:len(generated) // 5 * 5].view(-1, 5)
+    fed_back = collate_streams([dataclasses.replace(example, speech_groups=groups)])
+    with torch.no_grad():
+        argmax = model(fed_back).logits.argmax(-1)[0].view(-1, 5)                   # row p: group p + 1
+    assert torch.equal(argmax[first - 1:first - 1 + len(generated) // 5].flatten(), generated[:len(generated) // 5 * 5])
