@@ -72,7 +72,8 @@ INPUT_KEYS = ("input_ids", "attention_mask", "input_features", "feature_attentio
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationTiming:
-    """Wall-clock times of one call, in seconds from its start (``time.perf_counter``).
+    """Wall-clock times of one call, in seconds from its start (``time.perf_counter``; on CUDA read after a
+    ``torch.cuda.synchronize``).
 
     time_to_first_token_s: prompt encoding + prefill + the first text token. time_to_first_speech_s: until the
     first speech group was appended (None without speech). step_end_s[t]: when step t's token(s) were ready.
@@ -260,6 +261,13 @@ def prompt_embeddings(model: FunAudioChat, inputs: Mapping[str, Any]) -> tuple[t
     return inputs_embeds, text_embeds
 
 
+def _elapsed(start: float, device: torch.device) -> float:
+    """Seconds since ``start``; on CUDA after a synchronize, so queued kernels are counted where they belong."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _sp_gen_kwargs(given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, bool]:
     settings = dict(defaults)
     if given:
@@ -377,16 +385,16 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
             in_speech = in_speech & ~finish
             has_group = speaking
             if first_speech is None:
-                first_speech = time.perf_counter() - start
+                first_speech = _elapsed(start, sequences.device)
         sequences = torch.cat((sequences, next_ids[:, None]), dim=1)
         if output_logits:
             text_logits.append(logits)
             speech_logits.append(None if group_out is None else group_out.logits)
-        step_end.append(time.perf_counter() - start)
+        step_end.append(_elapsed(start, sequences.device))
         if not unfinished.any():
             break
 
-    total = time.perf_counter() - start
+    total = _elapsed(start, sequences.device)
     timing = GenerationTiming(time_to_first_token_s=step_end[0] if step_end else total,
                               time_to_first_speech_s=first_speech, total_s=total, step_end_s=step_end)
     return GenerationOutput(sequences=sequences, prompt_length=prompt_length, speech_ids=speech_history,

@@ -506,6 +506,8 @@ def save_released(model: FunAudioChat, path: str | os.PathLike, max_shard_size: 
         if stale.name in (SINGLE_FILE_NAME, INDEX_NAME) or SHARD_PATTERN.match(stale.name):
             stale.unlink()
     config = model.config.to_dict()
+    if config.get("speech_text_fusion") == "average":   # the released behaviour: no such key in a released config
+        config.pop("speech_text_fusion")
     config["torch_dtype"] = _dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32"
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

@@ -148,6 +148,20 @@ def test_save_load_round_trip_is_bitwise(official, tmp_path, max_shard_size):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
+def test_saved_config_has_only_released_keys_unless_fusion_differs(tmp_path):
+    import dataclasses
+
+    torch.manual_seed(4)
+    model = FunAudioChat(_fixture_config())
+    save_released(model, tmp_path / "average")
+    assert "speech_text_fusion" not in json.loads((tmp_path / "average" / "config.json").read_text())
+    summed = FunAudioChat(dataclasses.replace(_fixture_config(), speech_text_fusion="sum"))
+    save_released(summed, tmp_path / "sum")                  # a course variant keeps its marker, so it round-trips
+    assert json.loads((tmp_path / "sum" / "config.json").read_text())["speech_text_fusion"] == "sum"
+    assert load_released(tmp_path / "sum").config.speech_text_fusion == "sum"
+    assert load_released(tmp_path / "average").config.speech_text_fusion == "average"
+
+
 def test_save_replaces_an_earlier_layout(official, tmp_path):
     save_released(official, tmp_path, max_shard_size=50_000)
     save_released(official, tmp_path, max_shard_size="1GB")
