@@ -94,7 +94,11 @@ class LLMConfig:
         return config
 
 
-_SUPPORTED_ROPE_TYPES = (None, "default")
+# "mrope" (and Qwen3-VL's "default" with ``mrope_section``): multimodal RoPE gives the time, height and width axes
+# their own slices of the frequencies, but for text (and Fun-Audio-Chat's audio placeholders) all three position
+# ids are the same, and then it is exactly plain RoPE (cross-checked against transformers' Qwen3-VL rotary
+# embedding in tests/test_llm.py). The released backbone is initialised from Qwen3-VL-8B's text tower.
+_SUPPORTED_ROPE_TYPES = (None, "default", "mrope")
 
 
 def llm_config_from_hf(config: Any) -> LLMConfig:

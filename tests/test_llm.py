@@ -226,3 +226,27 @@ def test_inputs_not_mutated(pair):
     generate_greedy(ours, ids, 2, attention_mask=mask)
     for original, copy in zip((ids, mask, positions, embeds), copies):
         assert torch.equal(original, copy)
+
+
+def test_multimodal_rope_on_text_positions_is_plain_rope():
+    """A Qwen3-VL text config (MRoPE sections, interleaved) loads as plain RoPE, and transformers' Qwen3-VL rotary
+    embedding gives exactly our cos/sin when the time/height/width position ids are equal (text-only input)."""
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from fac_mini.llm import RotaryEmbedding
+
+    hf = Qwen3VLTextConfig(hidden_size=64, num_attention_heads=2, head_dim=32, num_key_value_heads=1,
+                           intermediate_size=64, num_hidden_layers=1, vocab_size=32,
+                           rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
+                                            "mrope_interleaved": True})
+    config = llm_config_from_hf(hf)
+    assert config.rope_theta == 5e6 and config.head_dim == 32
+    positions = torch.arange(300)[None]
+    expected = Qwen3VLTextRotaryEmbedding(hf)(torch.zeros(1, 300, 32), positions)
+    got = RotaryEmbedding(config.head_dim, config.rope_theta)(positions, torch.float32)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    spatial = torch.stack([positions, torch.full_like(positions, 5), positions])        # an image grid: differs
+    assert not torch.allclose(Qwen3VLTextRotaryEmbedding(hf)(torch.zeros(1, 300, 32), spatial)[0], expected[0])
+    legacy = {**TINY.to_hf_dict(), "rope_parameters": {"type": "mrope", "mrope_section": [2, 1, 1], "rope_theta": 1e6}}
+    assert llm_config_from_hf(legacy).rope_theta == 1e6
