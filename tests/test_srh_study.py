@@ -176,3 +176,20 @@ def test_parallel_greedy_generation_equals_teacher_forced_argmax():
     with torch.no_grad():
         argmax = model(fed_back).logits.argmax(-1)[0].view(-1, 5)                   # row p: group p + 1
     assert torch.equal(argmax[first - 1:first - 1 + len(generated) // 5].flatten(), generated[:len(generated) // 5 * 5])
+
+
+def test_train_command_writes_a_loadable_study(tmp_path, capsys):
+    from fac_mini.srh_study import main_train
+
+    out = tmp_path / "study"
+    assert main_train(["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--out", str(out),
+                       "--work-dir", str(tmp_path / "work")]) == 0
+    manifest = read_manifest(out)
+    assert manifest["command"].startswith("python -m fac_mini srh train --steps 4")
+    assert manifest["utterances"] == {"train": 1325, "dev": 42, "test": 392}
+    for head in HEADS:
+        entry = manifest["heads"][head]
+        assert entry["best_step"] in (2, 4) and set(entry) >= {"dev", "test", "log", "parameters", "files_sha256"}
+        assert entry["test"] == evaluate_head(load_head(head, out), stream_examples(corpus_speech_tokens("test")))
+    for head in HEADS:                                                  # one resumable state per head
+        assert len(list((tmp_path / "work").glob(f"{head}-*.pt"))) == 1
