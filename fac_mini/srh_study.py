@@ -15,9 +15,10 @@ training data uses 10) so that the text runs two groups ahead. The speech ids ar
 perplexity on real speech codes), next to the "repeat the previous id" baseline that shows how much a 25 Hz token
 depends on its predecessor. ``python -m fac_mini srh train`` trains both heads with the same seed, data and
 steps on the train split, keeps each head's checkpoint with the lowest dev perplexity (measured every 100
-steps: both memorise the 1325 training utterances long before 1500 steps) and writes ``data/srh_study/``
-(``srh/`` and ``parallel/`` checkpoints and ``manifest.json`` with the training curves and the dev and test
-metrics; the test split holds the held-out question phrasings, whose words the models never heard).
+steps: the parallel head starts to memorise the 1325 training utterances after about 500 steps, the SRH after
+about 1000) and writes ``data/srh_study/`` (``srh/`` and ``parallel/`` checkpoints and ``manifest.json`` with the
+training curves and the dev and test metrics; 304 of the 392 test replies are the world's held-out question
+phrasings, sentence patterns that no training reply has).
 ``python -m fac_mini srh eval`` re-measures the shipped checkpoints.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .srh import ParallelSpeechHead, SpeechHeadOutput, SpeechRefinedHead, teache
 
 __all__ = [
     "HEADS", "STUDY_DIR", "TRAIN_COMMAND", "StudyConfig", "SpeechStreamLM", "StreamBatch", "corpus_speech_tokens",
-    "stream_examples", "collate_streams", "generate_reply_speech", "head_metrics", "evaluate_head", "train_head", "save_head", "load_head",
+    "stream_examples", "collate_streams", "generate_reply_speech", "head_metrics", "summarize_metrics", "evaluate_head", "train_head", "save_head", "load_head",
     "read_manifest", "main_train", "main_eval",
 ]
 
@@ -82,9 +83,9 @@ class StudyConfig:
     def __post_init__(self):
         if self.head not in HEADS:
             raise ValueError(f"head={self.head!r}; use one of {HEADS}")
-        if self.codes < 1 or self.group_size < 1 or self.speech_delay < 0:
-            raise ValueError(f"need codes >= 1, group_size >= 1, speech_delay >= 0; got {self.codes}, "
-                             f"{self.group_size}, {self.speech_delay}")
+        if self.codes < 1 or self.group_size < 1 or self.speech_delay < 0 or self.speech_delay % self.group_size:
+            raise ValueError(f"need codes >= 1, group_size >= 1 and speech_delay a multiple of group_size (whole "
+                             f"bos groups); got {self.codes}, {self.group_size}, {self.speech_delay}")
 
     @property
     def codebook_size(self) -> int:
@@ -122,17 +123,18 @@ def corpus_speech_tokens(split: str, *, tokenizer_dir=None, cache_dir=TOKENS_DIR
                          limit: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """The speech tokenizer's 25 Hz ids of every utterance of ``split``: ``[{"id", "text", "speaker", "ids"}]``.
 
-    Cached in ``cache_dir`` under the tokenizer weights' sha256 (tokenizing the 1325 training clips takes about
-    half a minute). ``limit`` takes the first N utterances (not cached).
+    Cached in ``cache_dir`` under the sha256 of the tokenizer weights and of the corpus audio (tokenizing the 1325
+    training clips takes about half a minute). ``limit`` takes the first N utterances (not cached).
     """
     from tqdm.auto import tqdm
 
-    from .corpus import load_corpus
+    from .corpus import load_corpus, read_manifest as read_corpus_manifest
     from .speech_tokenizer import SPEECH_TOKENIZER_DIR, load_speech_tokenizer
 
     tokenizer_dir = Path(tokenizer_dir or SPEECH_TOKENIZER_DIR)
-    digest = file_sha256(tokenizer_dir / "model.safetensors")[:16]
-    cache_path = Path(cache_dir) / f"tokens-{split}-{digest}.pt"
+    digest = file_sha256(tokenizer_dir / "model.safetensors")[:12]
+    corpus_digest = read_corpus_manifest()["pcm_sha256_of_all"][:12]
+    cache_path = Path(cache_dir) / f"tokens-{split}-{digest}-{corpus_digest}.pt"
     if limit is None and cache_path.is_file():
         return torch.load(cache_path, weights_only=False)
     dataset = load_corpus(split)
@@ -283,17 +285,19 @@ def generate_reply_speech(model: SpeechStreamLM, example: StreamBatch, *, do_sam
     state = head.new_state() if isinstance(head, SpeechRefinedHead) else None
     was_training = model.training
     model.eval()
-    for position in range(first - 1, last):              # the hidden state at `position` says group position + 1
-        prefix = StreamBatch(example.input_ids[None, :position + 1], example.text_ids[None, :position + 1],
-                             groups[None, :position + 1], example.speech_labels[None, :position + 1])
-        hidden, text_embeds = model.hidden_states(prefix)                                  # (1, position + 1, H)
-        if state is None:
-            step = head.generate_step(hidden[:, -1:], text_embeds[:, -1:], **sampling)
-        else:                                            # prefill the SRH's cache once, then one position a step
-            new = slice(0, position + 1) if position == first - 1 else slice(position, position + 1)
-            step = head.generate_step(hidden[:, new], state, text_embeds[:, new], **sampling)
-        groups[position + 1] = step.tokens[0]
-    model.train(was_training)
+    try:
+        for position in range(first - 1, last):          # the hidden state at `position` says group position + 1
+            prefix = StreamBatch(example.input_ids[None, :position + 1], example.text_ids[None, :position + 1],
+                                 groups[None, :position + 1], example.speech_labels[None, :position + 1])
+            hidden, text_embeds = model.hidden_states(prefix)                              # (1, position + 1, H)
+            if state is None:
+                step = head.generate_step(hidden[:, -1:], text_embeds[:, -1:], **sampling)
+            else:                                        # prefill the SRH's cache once, then one position a step
+                new = slice(0, position + 1) if position == first - 1 else slice(position, position + 1)
+                step = head.generate_step(hidden[:, new], state, text_embeds[:, new], **sampling)
+            groups[position + 1] = step.tokens[0]
+    finally:
+        model.train(was_training)
     ids = groups[first:last + 1].flatten()                                                 # (k·(last − first + 1),)
     stop = (ids >= config.codes).nonzero()
     return ids if not len(stop) else ids[:int(stop[0])]
@@ -328,24 +332,31 @@ def head_metrics(logits: torch.Tensor, speech_labels: torch.Tensor, group_size: 
 
 
 def summarize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Rounded accuracy / perplexity overall and per sub-step s = 0..k−1, and the repeat baseline's accuracy."""
+    """Rounded accuracy / perplexity overall and per sub-step s = 0..k−1, and the repeat baseline's accuracy
+    (None for a sub-step without scored tokens)."""
     count = sums["count"]
     if not count.sum() > 0:
         raise ValueError("no speech token was scored")
-    round4 = lambda x: round(float(x), 4)                                                  # noqa: E731
+
+    def round4(value):
+        return None if math.isnan(float(value)) else round(float(value), 4)
+
     return {"tokens": int(count.sum()),
             "accuracy": round4(sums["correct"].sum() / count.sum()),
             "perplexity": round4(math.exp(sums["nll"].sum() / count.sum())),
             "repeat_accuracy": round4(sums["repeat"].sum() / count.sum()),
             "per_sub_step": {"accuracy": [round4(v) for v in sums["correct"] / count],
-                             "perplexity": [round4(math.exp(v)) for v in sums["nll"] / count],
+                             "perplexity": [round4(math.exp(v) if not math.isnan(v) else v)
+                                            for v in (sums["nll"] / count).tolist()],
                              "repeat_accuracy": [round4(v) for v in sums["repeat"] / count],
                              "tokens": [int(v) for v in count]}}
 
 
 @torch.no_grad()
 def evaluate_head(model: SpeechStreamLM, examples: Sequence[StreamBatch], batch_size: int = 64) -> dict[str, Any]:
-    """Teacher-forced metrics of ``model`` on ``examples`` (see :func:`head_metrics`), with the mean loss."""
+    """Teacher-forced metrics of ``model`` on ``examples`` (see :func:`head_metrics`: accuracy and perplexity over
+    the speech codes only) and ``loss``, the training loss: the mean cross-entropy over *all* speech targets,
+    the delay's bos ids and the eos group included (easy ones, so exp(loss) is below the perplexity)."""
     config = model.config
     was_training = model.training
     model.eval()
@@ -406,7 +417,8 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
 
     With ``eval_examples`` (held-out utterances, e.g. the dev split) the model is measured every ``eval_every``
     steps (rows with ``eval_loss`` and ``eval_perplexity``) and the weights with the lowest held-out perplexity
-    are returned (early stopping: a model this size memorises 1325 utterances long before the last step).
+    are returned (checkpoint selection: every step is run, and a model this size starts to memorise the 1325
+    training utterances long before the last one).
 
     With ``work_dir`` the whole training state (weights, optimizer, batch generator and queue, log, best weights,
     step) is written atomically to ``work_dir/<head>-<run key>.pt`` every ``checkpoint_every`` steps; the run key
@@ -423,7 +435,8 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
         raise ValueError("train_head needs at least one example")
     config = dataclasses.replace(config or StudyConfig(), head=head)
     hyper = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-             "seed": seed, "log_every": log_every, "eval_every": eval_every}
+             "seed": seed, "log_every": log_every, "eval_every": eval_every,
+             "threads": torch.get_num_threads() if threads is None else threads}   # bitwise equality needs it
     state_path = None if work_dir is None else Path(work_dir) / (
         f"{head}-{_run_key(config, hyper, examples, eval_examples)}.pt")
     last = steps if stop_after is None else min(steps, stop_after)
@@ -511,7 +524,8 @@ def load_head(head: str, directory=STUDY_DIR) -> SpeechStreamLM:
             raise FileNotFoundError(f"{folder / name} not found; run `{TRAIN_COMMAND}`")
     model = SpeechStreamLM(StudyConfig.from_dict(json.loads((folder / "config.json").read_text())))
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    missing = [name for name in missing if name != "speech_head.lm_head.weight"]
+    if model.config.head == "srh":                     # tied to audio_tower.embed_tokens, stored once
+        missing = [name for name in missing if name != "speech_head.lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{folder}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return model.eval()
@@ -528,7 +542,7 @@ def read_manifest(directory=STUDY_DIR) -> dict[str, Any]:
 # Commands
 # ----------------------------------------------------------------------------------------------------------
 def main_train(argv: Sequence[str] | None = None) -> int:
-    """``python -m fac_mini srh train``: train both heads (early stopping on dev), write data/srh_study/ with the
+    """``python -m fac_mini srh train``: train both heads (checkpoint chosen on dev), write data/srh_study/ with the
     training curves and the dev and test metrics."""
     parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
     parser.add_argument("--steps", type=int, default=1500)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fac_mini.corpus import load_corpus
 from fac_mini.llm import IGNORE_INDEX
@@ -65,7 +66,6 @@ def test_srh_head_is_tied_to_the_speech_table_and_saved_once(tmp_path):
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["head"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("speech_head."))
     save_head(model, tmp_path / "srh")
-    from safetensors.torch import load_file
     assert "speech_head.lm_head.weight" not in load_file(str(tmp_path / "srh" / "model.safetensors"))
     loaded = load_head("srh", tmp_path)
     assert loaded.speech_head.lm_head.weight is loaded.audio_tower.embed_tokens.weight
@@ -76,6 +76,15 @@ def test_srh_head_is_tied_to_the_speech_table_and_saved_once(tmp_path):
         load_head("parallel", tmp_path)
     with pytest.raises(ValueError, match="head"):
         StudyConfig(head="mtp")
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        StudyConfig(speech_delay=7)
+    from safetensors.torch import save_file
+    save_head(SpeechStreamLM(StudyConfig(head="parallel")), tmp_path / "parallel")
+    weights = load_file(str(tmp_path / "parallel" / "model.safetensors"))
+    del weights["speech_head.lm_head.weight"]                      # the parallel head's only matrix: never tied
+    save_file(weights, str(tmp_path / "parallel" / "model.safetensors"))
+    with pytest.raises(ValueError, match="speech_head.lm_head.weight"):
+        load_head("parallel", tmp_path)
 
 
 def test_head_metrics_on_known_logits():
@@ -95,6 +104,8 @@ def test_head_metrics_on_known_logits():
     assert summary["repeat_accuracy"] == 0.375 and summary["per_sub_step"]["repeat_accuracy"] == [0.25, 0.5]
     uniform = summarize_metrics(head_metrics(torch.zeros(2, 8, 7), labels, k, codes, pad))
     assert abs(uniform["perplexity"] - 7.0) < 1e-3
+    empty_step = summarize_metrics({name: value * torch.tensor([1.0, 0.0]) for name, value in sums.items()})
+    assert empty_step["per_sub_step"]["accuracy"] == [1.0, None] and empty_step["per_sub_step"]["perplexity"][1] is None
     with pytest.raises(ValueError, match="no speech token"):
         summarize_metrics(head_metrics(perfect, torch.full_like(labels, IGNORE_INDEX), k, codes, pad))
 
