@@ -30,9 +30,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +38,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import CACHE_DIR, DATA_DIR, file_sha256, set_seed
+from . import CACHE_DIR, DATA_DIR, atomic_write, file_sha256, set_seed
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, generate_greedy, llm_config_from_hf
 from .tokenizer import TOKENIZER_DIR, load_tokenizer
 from .world import ATTRIBUTES, VALUES, TextExample, World, build_world
@@ -214,16 +212,8 @@ def _run_key(config: LLMConfig, hparams: dict[str, Any], sequences: list) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def train_m0(config: LLMConfig = M0_CONFIG, steps: int = DEFAULT_TRAIN_ARGS["steps"],
@@ -291,12 +281,12 @@ def train_m0(config: LLMConfig = M0_CONFIG, steps: int = DEFAULT_TRAIN_ARGS["ste
                                                          state["log"], state["elapsed_s"], state["window"])
 
     def save_state() -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                            "torch_rng": torch.get_rng_state(), "batches": batches, "position": position,
-                            "step": step, "log": log, "window": window, "elapsed_s": elapsed,
-                            "run_key": run_key, "config": config.to_dict(), "hparams": hparams}, state_path)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "batches": batches, "position": position, "step": step,
+                 "log": log, "window": window, "elapsed_s": elapsed, "run_key": run_key,
+                 "config": config.to_dict(), "hparams": hparams}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
 
     last = steps if stop_at is None else min(steps, stop_at)
     model.train()
@@ -342,16 +332,14 @@ def save_m0(model: Qwen3ForCausalLM, out_dir: Path | str, log: list[dict] | None
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {name: tensor.detach().to(dtype).contiguous().clone() for name, tensor in model.state_dict().items()}
     paths = {"model": out_dir / WEIGHTS_FILE, "config": out_dir / CONFIG_FILE}
-    tmp = paths["model"].with_name(WEIGHTS_FILE + ".tmp")
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, paths["model"])
+    atomic_write(paths["model"], lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     hf_config = dict(model.config.to_hf_dict(), architectures=["Qwen3ForCausalLM"], torch_dtype=str(dtype)[6:],
                      bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    _atomic_write_text(json.dumps(hf_config, indent=1) + "\n", paths["config"])
+    _write_text(json.dumps(hf_config, indent=1) + "\n", paths["config"])
     if log is not None:
         paths["log"] = out_dir / LOG_FILE
-        _atomic_write_text(json.dumps({"columns": ["step", "loss", "lr"],
-                                       "rows": [[r["step"], r["loss"], r["lr"]] for r in log]}) + "\n", paths["log"])
+        _write_text(json.dumps({"columns": ["step", "loss", "lr"],
+                                "rows": [[r["step"], r["loss"], r["lr"]] for r in log]}) + "\n", paths["log"])
     return paths
 
 
@@ -534,7 +522,7 @@ def main_train(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "run_key": result["run_key"],
                 "final_loss": result["log"][-1]["loss"], "tokenizer_sha256": file_sha256(TOKENIZER_DIR / "tokenizer.json"),
                 "files_sha256": files, "metrics": metrics}
-    _atomic_write_text(json.dumps(manifest, indent=1) + "\n", args.out / MANIFEST_FILE)
+    _write_text(json.dumps(manifest, indent=1) + "\n", args.out / MANIFEST_FILE)
     print(json.dumps({k: manifest[k] for k in ("train_seconds", "wall_seconds", "final_loss")}
                      | {"heldout": {k: v for k, v in metrics["heldout"].items()}}, indent=1))
     return 0

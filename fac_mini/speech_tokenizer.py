@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -56,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CACHE_DIR, DATA_DIR, file_sha256, set_seed
+from . import CACHE_DIR, DATA_DIR, atomic_write, file_sha256, set_seed, warmup_cosine_lr
 from .audio import SAMPLE_RATE, log_mel
-from .encoder import AudioEncoder, AudioEncoderConfig, encoder_output_lengths
+from .encoder import AudioEncoder, AudioEncoderConfig
 
 __all__ = [
     "PAD_ID", "BLANK", "SPEECH_TOKENIZER_DIR", "TRAIN_COMMAND",
@@ -556,8 +555,8 @@ class SpeechTokenizer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         weights = {name: tensor.detach().contiguous().clone() for name, tensor in self.state_dict().items()}
         model_path, config_path = directory / "model.safetensors", directory / "config.json"
-        _atomic_write(model_path, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
-        _atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=1) + "\n"))
+        atomic_write(model_path, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+        atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=1) + "\n"))
         return [model_path, config_path]
 
     @classmethod
@@ -582,18 +581,6 @@ class SpeechTokenizer(nn.Module):
                                  f"{tuple(expected[name].shape)}")
         model.load_state_dict(weights, strict=True)
         return model.eval()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` in one step (no half-written files)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_speech_tokenizer(directory=SPEECH_TOKENIZER_DIR) -> SpeechTokenizer:
@@ -636,14 +623,6 @@ def _batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int)
         batches += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
     batches = [batch for batch in batches if len(batch) == batch_size] or batches
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to ``peak / 10`` at ``steps``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train_speech_tokenizer(config: SpeechTokenizerConfig | None = None, steps: int = 1300, *,
@@ -723,7 +702,7 @@ def _train(config, steps, *, batch_size, lr, weight_decay, warmup, seed, out_dir
                  "adversary_losses": adversary_losses,
                  "config": config.to_dict(), "hyper": hyper,
                  "elapsed_s": elapsed_before + time.perf_counter() - started}
-        _atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     lengths = [mel.shape[-1] for mel in mels]
     size = hyper["batch_size"]
@@ -735,7 +714,7 @@ def _train(config, steps, *, batch_size, lr, weight_decay, warmup, seed, out_dir
         batch = _batch_order(lengths, size, seed, epoch)[position]
         features, mel_lengths = pad_features([mels[i] for i in batch])
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, lr, warmup)
+            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
         parts = model.losses(features, mel_lengths, [texts[i] for i in batch], speaker_ids[batch])
         optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
@@ -772,7 +751,7 @@ def _train(config, steps, *, batch_size, lr, weight_decay, warmup, seed, out_dir
                                                               progress=False)
         manifest["eval_wall_s"] = round(time.perf_counter() - evaluated, 1)
     manifest_path = out_dir / "manifest.json"
-    _atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
     return model, manifest
 
 

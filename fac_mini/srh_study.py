@@ -29,18 +29,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import CACHE_DIR, DATA_DIR, file_sha256, set_seed
+from . import CACHE_DIR, DATA_DIR, atomic_write, file_sha256, set_seed, warmup_cosine_lr
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3Model
 from .model import (DiscreteAudioConfig, DiscreteAudioEncoder, FunAudioChatConfig, build_assistant_labels,
                     fuse_text_and_speech)
@@ -149,10 +146,7 @@ def corpus_speech_tokens(split: str, *, tokenizer_dir=None, cache_dir=TOKENS_DIR
             i = start + row
             rows.append({"id": names[i], "text": texts[i], "speaker": speakers[i], "ids": ids[row][mask[row]].clone()})
     if limit is None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        torch.save(rows, tmp)
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, lambda tmp: torch.save(rows, tmp))
     return rows
 
 
@@ -376,21 +370,6 @@ def evaluate_head(model: SpeechStreamLM, examples: Sequence[StreamBatch], batch_
 # ----------------------------------------------------------------------------------------------------------
 # Training, saving, loading
 # ----------------------------------------------------------------------------------------------------------
-def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to 10 % of it."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _run_key(config: StudyConfig, hyper: dict[str, Any], examples: Sequence[StreamBatch],
              eval_examples: Sequence[StreamBatch] | None) -> str:
     """A digest of everything that determines a training run (config, hyper-parameters, both data sets)."""
@@ -463,7 +442,7 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
             chosen, order = order[:batch_size], order[batch_size:]
             batch = collate_streams([examples[i] for i in chosen], speech_pad_id=config.discrete.pad_token_id)
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, steps, lr, warmup)
+                group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
             loss = model(batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -482,9 +461,10 @@ def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *,
                     best = (measured["perplexity"], step + 1, copy.deepcopy(model.state_dict()))
                 model.train()
             if state_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == last):
-                _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "generator": generator.get_state(), "step": step + 1, "order": order,
-                                    "log": log, "window": window, "best": best}, state_path)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "generator": generator.get_state(), "step": step + 1, "order": order, "log": log,
+                         "window": window, "best": best}
+                atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     finally:
         torch.set_num_threads(previous_threads)
     if last < steps:
@@ -503,12 +483,9 @@ def save_head(model: SpeechStreamLM, directory) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()
                if name != "speech_head.lm_head.weight" or model.config.head != "srh"}            # tied: stored once
-    tmp = directory / "model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / "model.safetensors")
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
-    os.replace(tmp, directory / "config.json")
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    atomic_write(directory / "config.json",
+                 lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=1) + "\n"))
     return {name: file_sha256(directory / name) for name in ("model.safetensors", "config.json")}
 
 
@@ -581,7 +558,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
         summary = {split: {k: manifest["heads"][head][split][k] for k in ("accuracy", "perplexity")}
                    for split in ("dev", "test")}
         print(json.dumps({head: {"train_seconds": seconds, "best_step": log[-1]["best_step"]} | summary}))
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write(args.out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
     return 0
 
 

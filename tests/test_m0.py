@@ -1,5 +1,4 @@
 """M0, the pretrained text LLM: data format and masking, training, exact resume, checkpoints, shipped knowledge."""
-import dataclasses
 import json
 
 import pytest
