@@ -1,8 +1,9 @@
 """Self-checks for the notebooks' exercises, in the spirit of nn-zero-to-hero's ``cmp()``.
 
-Every exercise in ``notebooks/`` is followed by a cell ``check_<name>(your_function)``. The check runs your
-function and the course's reference on the same seeded inputs and prints one line per verdict: exact match,
-close match (with the largest difference), or a failure with a hint. It never raises, so the notebook goes on.
+Every exercise in ``notebooks/`` is a cell that defines your function, with its body to write, and ends with
+``check_<name>(your_function)``. The check runs your function and the course's reference on the same seeded inputs
+and prints one line per verdict: exact match, close match (with the largest difference), or a failure that says
+which case, which output and what differs, with a hint. It never raises, so the notebook goes on.
 
 ``check_*`` functions print and return ``None`` (a returned value would be echoed under the cell, and nbval runs
 cells without IPython's history, so a trailing ``;`` does not hide it); :func:`run_check` returns pass/fail.
@@ -11,42 +12,109 @@ from __future__ import annotations
 
 import math
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 __all__ = ["compare", "run_check", "check_speech_tokens", "check_kv_cache_bytes"]
 
+_PLAIN = (str, bytes, bool, int, np.integer, type(None))
 
-def compare(student: Any, reference: Any, atol: float = 1e-6, rtol: float = 1e-5) -> tuple[bool, str]:
-    """Compare two results (numbers, arrays, tensors, or tuples/lists of them): (ok, how they compare)."""
+
+def _is_plain(value: Any) -> bool:
+    """Strings, integers, None, and lists/tuples of them: data whose repr says exactly what it is."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, _PLAIN)
+
+
+def _short(value: Any, limit: int = 240) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
+def _what(value: Any) -> str:
+    """'a list of 3 items', 'a Tensor of shape (2, 5)', 'None': what the learner's function returned."""
+    if isinstance(value, (tuple, list, set, dict)):
+        return f"a {type(value).__name__} of {len(value)} item{'s' * (len(value) != 1)}"
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _compare_tensors(student: Any, reference: Any, atol: float, rtol: float) -> tuple[bool, str]:
+    want = torch.as_tensor(reference)
+    try:
+        got = torch.as_tensor(student)
+    except Exception:
+        return False, f"expected a tensor of shape {tuple(want.shape)}, got {_what(student)}"
+    if tuple(got.shape) != tuple(want.shape):
+        return False, f"shape {tuple(got.shape)} but expected {tuple(want.shape)}"
+    if got.dtype.is_complex != want.dtype.is_complex:
+        return False, f"dtype {got.dtype} but expected {want.dtype}"
+    if torch.equal(got.to(want.dtype), want):
+        return True, "exact"
+    if not (want.dtype.is_floating_point or got.dtype.is_floating_point):       # ids, masks, counts: exact only
+        wrong = got.to(want.dtype) != want
+        first = tuple(int(i) for i in wrong.nonzero()[0])
+        return False, (f"{int(wrong.sum())} of {want.numel()} entries differ; first at {first}: got "
+                       f"{got[first].item()!r}, expected {want[first].item()!r}")
+    got64, want64 = got.double(), want.double()
+    close = torch.allclose(got64, want64, atol=atol, rtol=rtol)
+    difference = (got64 - want64).abs().nan_to_num(nan=math.inf)
+    worst = tuple(int(i) for i in np.unravel_index(int(difference.argmax()), tuple(want.shape)))
+    at = f" at {worst}" if want.dim() else ""
+    return close, (f"{'close' if close else 'different'}: max abs diff {difference.max().item():.2e}{at}"
+                   + ("" if close else f" (got {got64[worst].item():.6g}, expected {want64[worst].item():.6g})"))
+
+
+def compare(student: Any, reference: Any, atol: float = 1e-6, rtol: float = 1e-5,
+            names: Sequence[str] | None = None, items: str | None = None) -> tuple[bool, str]:
+    """Compare two results (numbers, strings, arrays, tensors, or tuples/lists of them): (ok, how they compare).
+
+    ``names``: a result made of several outputs (a tuple) names each, e.g. ``("previous", "targets")``; a
+    difference is then reported under the output's name. ``items``: a result that is a list of any length says
+    what one element is (a singular noun, e.g. ``"group"``); a wrong count then reads "expected 2 groups, got 0".
+    Integer and boolean tensors must match exactly; float ones within ``atol + rtol·|reference|``.
+    """
     if isinstance(reference, (tuple, list)):
-        if not isinstance(student, (tuple, list)) or len(student) != len(reference):
-            return False, f"expected a sequence of {len(reference)} items, got {type(student).__name__}"
+        if names is not None:
+            if len(names) != len(reference):
+                raise ValueError(f"compare: {len(names)} names for {len(reference)} outputs")
+            if not isinstance(student, (tuple, list)) or len(student) != len(reference):
+                return False, f"expected {len(reference)} outputs ({', '.join(names)}), got {_what(student)}"
+            for name, got, want in zip(names, student, reference):
+                ok, how = compare(got, want, atol, rtol)
+                if not ok:
+                    return False, f"{name}: {how}"
+            return True, "all outputs match"
+        if not isinstance(student, (tuple, list)):
+            return False, f"expected a list of {_plural(len(reference), items or 'item')}, got {_what(student)}"
+        if _is_plain(reference) and not items:
+            same = _is_plain(student) and list(student) == list(reference)
+            return same, ("exact" if same else f"got {_short(student)}, expected {_short(reference)}")
+        if len(student) != len(reference):
+            how = f"expected {_plural(len(reference), items or 'item')}, got {len(student)}"
+            if _is_plain(reference) and _is_plain(student):
+                how += f": expected {_short(reference)}, got {_short(student)}"
+            return False, how
         for index, (got, want) in enumerate(zip(student, reference)):
             ok, how = compare(got, want, atol, rtol)
             if not ok:
-                return False, f"item {index}: {how}"
+                return False, f"{items or 'item'} {index + 1} of {len(reference)}: {how}"
         return True, "all items match"
     if isinstance(reference, (torch.Tensor, np.ndarray)):
-        want = torch.as_tensor(np.asarray(reference) if isinstance(reference, np.ndarray) else reference)
-        try:
-            got = torch.as_tensor(student if not isinstance(student, np.ndarray) else np.asarray(student))
-        except Exception:
-            return False, f"expected a tensor, got {type(student).__name__}"
-        if tuple(got.shape) != tuple(want.shape):
-            return False, f"shape {tuple(got.shape)} but expected {tuple(want.shape)}"
-        if torch.equal(got.to(want.dtype), want):
-            return True, "exact"
-        diff = (got.double() - want.double()).abs().max().item()
-        close = torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol)
-        return close, f"{'close' if close else 'different'}: max abs diff {diff:.2e}"
+        return _compare_tensors(student, reference, atol, rtol)
     if isinstance(reference, bool) or isinstance(reference, (int, np.integer)):
         return (student == reference), ("exact" if student == reference else f"got {student!r}, expected {reference!r}")
     if isinstance(reference, (float, np.floating)):
         if not isinstance(student, (int, float, np.integer, np.floating)):
-            return False, f"expected a number, got {type(student).__name__}"
+            return False, f"expected a number, got {_what(student)}"
         close = math.isclose(float(student), float(reference), rel_tol=rtol, abs_tol=atol)
         return close, (f"close (diff {abs(float(student) - float(reference)):.2e})" if close
                        else f"got {float(student):.6g}, expected {float(reference):.6g}")
@@ -54,21 +122,30 @@ def compare(student: Any, reference: Any, atol: float = 1e-6, rtol: float = 1e-5
 
 
 def run_check(name: str, student_fn: Callable, reference_fn: Callable, cases: Iterable[tuple],
-              hint: str = "", atol: float = 1e-6, rtol: float = 1e-5) -> bool:
-    """Call both functions on every case (a tuple of positional arguments); print a verdict; return pass/fail."""
+              hint: str = "", atol: float = 1e-6, rtol: float = 1e-5, names: Sequence[str] | None = None,
+              items: str | None = None) -> bool:
+    """Call both functions on every case (a tuple of positional arguments); print a verdict; return pass/fail.
+
+    A reference that returns several outputs (a tuple) needs ``names`` for them, so that a failure says which
+    output is wrong; ``items`` names the elements of a list result (see :func:`compare`).
+    """
     cases = list(cases)
     for index, args in enumerate(cases):
         expected = reference_fn(*args)
+        if isinstance(expected, tuple) and names is None:
+            raise ValueError(f"run_check({name!r}): the reference returns {len(expected)} outputs; pass names=")
         try:
             got = student_fn(*args)
-        except NotImplementedError:
-            print(f"[todo] {name}: not implemented yet - write your code in the exercise cell above.")
+        except NotImplementedError as error:       # the stub: the exercise's function and its check share a cell
+            other = "" if str(error).startswith("Exercise") else f" ({error})"
+            print(f"[todo] {name}: not written yet{other}. In this cell, replace the line `raise "
+                  f"NotImplementedError(...)` inside `{name}` with your code, then run the cell again.")
             return False
         except Exception as error:  # show the learner's own error, briefly
-            last = traceback.format_exception_only(type(error), error)[-1].strip()
+            last = traceback.format_exception_only(type(error), error)[-1].strip().rstrip(".")
             print(f"[fail] {name}: case {index + 1} {_describe(args)} raised {last}.\n       Hint: {hint}")
             return False
-        ok, how = compare(got, expected, atol, rtol)
+        ok, how = compare(got, expected, atol, rtol, names=names, items=items)
         if not ok:
             print(f"[fail] {name}: case {index + 1} {_describe(args)}: {how}.\n       Hint: {hint}")
             return False
@@ -79,10 +156,12 @@ def run_check(name: str, student_fn: Callable, reference_fn: Callable, cases: It
 def _describe(args: tuple) -> str:
     parts = []
     for arg in args:
-        if isinstance(arg, (torch.Tensor, np.ndarray)):
+        if isinstance(arg, torch.Tensor):
+            parts.append(f"tensor{tuple(arg.shape)}")
+        elif isinstance(arg, np.ndarray):
             parts.append(f"array{tuple(arg.shape)}")
         else:
-            parts.append(repr(arg))
+            parts.append(_short(arg, 60))
     return "(" + ", ".join(parts) + ")"
 
 
@@ -92,12 +171,26 @@ def check_speech_tokens(student_fn: Callable) -> None:
     from .cost import speech_tokens
 
     rng = np.random.default_rng(1)
-    cases = [(360.0, 25.0, 1), (360.0, 25.0, 5), (2.5, 25.0, 5), (0.04, 25.0, 5), (10.0, 12.5, 1)]
+    cases = [(360.0, 25.0, 1), (360.0, 25.0, 5), (2.5, 25.0, 5), (0.04, 25.0, 5), (10.0, 12.5, 1), (0.0, 25.0, 5)]
+    # Products that land a hair off a whole number of frames. ceil() without round() counts one frame too many
+    # when the float product lies just above it, int() or floor() one too few when it lies just below it.
+    cases += [(0.28, 25.0, 1),      # 0.28 * 25 = 7.000000000000001 -> 7 frames, not 8
+              (0.28, 25.0, 7),      # ... and 1 group of 7, not 2
+              (2.2, 25.0, 5),       # 2.2 * 25 = 55.00000000000001 -> 11 groups of 5, not 12
+              (4.4, 25.0, 5),       # 4.4 * 25 = 110.00000000000001 -> 22 groups, not 23
+              (1.16, 25.0, 1),      # 1.16 * 25 = 28.999999999999996 -> 29 frames (int() gives 28)
+              (4.6, 25.0, 1),       # 4.6 * 25 = 114.99999999999999 -> 115 frames (int() gives 114)
+              (0.29, 25.0, 1),      # 0.29 * 25 = 7.249999999999999 -> 8 frames (int() gives 7)
+              (0.56, 12.5, 1),      # 0.56 * 12.5 = 7.000000000000001 -> 7 frames
+              (2.32, 12.5, 1),      # 2.32 * 12.5 = 28.999999999999996 -> 29 frames
+              (0.14, 50.0, 1),      # 0.14 * 50 = 7.000000000000001 -> 7 frames
+              (0.58, 50.0, 1)]      # 0.58 * 50 = 28.999999999999996 -> 29 frames
     cases += [(float(round(rng.uniform(0.1, 400), 3)), float(rng.choice([12.5, 25.0, 50.0])), int(rng.integers(1, 8)))
               for _ in range(20)]
     run_check("speech_tokens", student_fn, speech_tokens, cases,
-                     hint="frames = ceil(duration_s * frame_rate_hz); the LLM then sees ceil(frames / group_size) "
-                          "positions (a partial last group still costs a position).")
+              hint="frames = ceil(duration_s * frame_rate_hz), with the product rounded to 9 decimals first "
+                   "(0.28 * 25 is 7.000000000000001 in floating point, and must be 7 frames); the LLM then sees "
+                   "ceil(frames / group_size) positions (a partial last group still costs a position).")
 
 
 def check_kv_cache_bytes(student_fn: Callable) -> None:
@@ -160,8 +253,12 @@ def check_qa_labels(student_fn: Callable) -> None:
 __all__ += ["check_fsq_quantize"]
 
 
-def check_fsq_quantize(student_fn: Callable) -> bool:
-    """Exercise 03.1: ``fsq_quantize(z, levels)`` - bound, round (straight-through), scale to [-1, 1]."""
+def check_fsq_quantize(student_fn: Callable) -> None:
+    """Exercise 03.1: ``fsq_quantize(z, levels)`` - bound, round (straight-through), scale to [-1, 1].
+
+    Both the codes and the gradient they pass back to ``z`` are compared: a plain ``round()`` gives the right
+    codes but a zero gradient, so the encoder in front of it would never learn.
+    """
     from .speech_tokenizer import fsq_quantize
 
     generator = torch.Generator().manual_seed(3)
@@ -170,19 +267,33 @@ def check_fsq_quantize(student_fn: Callable) -> bool:
     for levels in ([3] * 8, [5, 5, 5], [7, 5, 3], [8, 5, 5, 5], [4, 6]):     # odd levels first, then even ones
         for scale in (0.5, 2.0):
             cases.append((torch.randn(4, 10, len(levels), generator=generator) * scale, levels))
+    # upstream gradient dL/dcodes for the backward pass: random, so every entry of dL/dz is checked
+    cases = [(z, levels, torch.randn(z.shape, generator=generator)) for z, levels in cases]
 
-    def guarded(z, levels):
-        before = z.clone()
-        codes = student_fn(z, levels)
-        if not torch.equal(z, before):
-            raise ValueError("your function modified z in place; compute on new tensors")
-        return codes
+    def codes_and_gradient(fn: Callable) -> Callable:
+        def run(z, levels, upstream):
+            before = z.clone()
+            codes = fn(z, levels)
+            leaf = z.clone().requires_grad_(True)
+            tracked = leaf.clone()                          # not a leaf, so an in-place change is ours to report
+            traced = fn(tracked, levels)
+            if not (torch.equal(z, before) and torch.equal(tracked.detach(), before)):
+                raise ValueError("your function modified z in place; compute on new tensors")
+            if not isinstance(traced, torch.Tensor) or traced.shape != z.shape:
+                return codes, None                                      # the codes' own message says what is wrong
+            if traced.requires_grad:
+                (traced * upstream).sum().backward()
+            gradient = leaf.grad if leaf.grad is not None else torch.zeros_like(z)   # no graph: nothing flows back
+            return codes, gradient
+        return run
 
-    run_check("fsq_quantize", guarded, fsq_quantize, cases,
-                     hint="per dimension with L levels: half_l = (L - 1) * (1 + 1e-3) / 2; offset = 0.5 if L is even "
-                          "else 0; shift = atanh(offset / half_l); bounded = tanh(z + shift) * half_l - offset; then "
-                          "round with a straight-through estimator, bounded + (bounded.round() - bounded).detach(), "
-                          "and divide by L // 2 so the codes lie in [-1, 1].")
+    run_check("fsq_quantize", codes_and_gradient(student_fn), codes_and_gradient(fsq_quantize), cases,
+              names=("codes", "dL/dz, the gradient your codes pass back to z (a plain round() passes none)"),
+              hint="per dimension with L levels: half_l = (L - 1) * (1 + 1e-3) / 2; offset = 0.5 if L is even "
+                   "else 0; shift = atanh(offset / half_l); bounded = tanh(z + shift) * half_l - offset; then "
+                   "round with a straight-through estimator, bounded + (bounded.round() - bounded).detach() "
+                   "(forward: the rounded value; backward: the gradient of bounded), and divide by L // 2 so the "
+                   "codes lie in [-1, 1].")
 
 
 # --- notebook 05: the Qwen3 block (RMSNorm, RoPE) ----------------------------------------------------------
@@ -405,8 +516,10 @@ def check_tied_parameter_groups(student_fn: Callable) -> None:
     with torch.random.fork_rng(devices=[]):                  # build the cases without touching the caller's RNG
         torch.manual_seed(15)
         cases = _tie_cases()
-    run_check("tied_parameter_groups", student_fn, tied_parameter_groups, cases,
-              hint="walk model.named_parameters(remove_duplicate=False) (the default skips every name after the "
+    run_check("tied_parameter_groups", student_fn, tied_parameter_groups, cases, items="group",
+              hint="a group is the list of names (module order) under which ONE nn.Parameter is registered, e.g. "
+                   "['table.weight', 'head.weight'] when head.weight is table.weight; return a list of them. Walk "
+                   "model.named_parameters(remove_duplicate=False) (the default skips every name after the "
                    "first of a shared Parameter), group the names by the identity of the Parameter (id(p) or "
                    "`is`, not equal values), keep module order, and return only the groups with 2+ names.")
 
@@ -439,6 +552,7 @@ def check_teacher_forcing_ids(student_fn: Callable) -> None:
     cases = [(torch.arange(10)[None], 5, 99), (labels, 5, 10), (labels, 4, 10), (labels[:, :6], 3, 10),
              (torch.randint(0, 5, (1, 8), generator=generator), 1, 7)]
     run_check("teacher_forcing_ids", student_fn, teacher_forcing_ids, cases,
+              names=("previous (the speech ids the SRH embeds)", "targets (the labels it is scored on)"),
               hint="25 Hz position j predicts label j + k (token s of the NEXT group) and adds the embedding of "
                    "label j + k − 1, the token just before it: previous = labels (-100 -> pad_id) rolled by "
                    "−(k − 1) along time; targets = labels shifted left by k with the last k set to -100.")

@@ -1,10 +1,12 @@
 """The exercise machinery: notebooks/ is generated from solutions/, and every exercise's self-check passes the
-reference answer and fails a deliberately wrong one."""
+reference answer and fails every mistake its notebook warns about."""
 import contextlib
 import io
 import json
 import math
 import re
+import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,43 +18,360 @@ from fac_mini.exercises import (ANSWER_PROMPT, SOLUTIONS_DIR, check_notebooks, r
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
-# For every self-check used in a notebook: a plausible wrong answer that the check must reject.
-# A new exercise must add its entry here (test_every_exercise_has_a_wrong_answer enforces it).
-WRONG_ANSWERS = {
-    "check_ungroup": lambda grouped, group_size:                            # strided slices, not blocks
-        grouped.reshape(grouped.shape[0], grouped.shape[1], -1, group_size).transpose(2, 3)
-        .reshape(grouped.shape[0], grouped.shape[1] * group_size, -1),
-    "check_teacher_forcing_ids": lambda labels, group_size, pad_id: (        # the usual LM shift: label j - 1
-        labels.masked_fill(labels == -100, pad_id).roll(1, dims=1),
-        __import__("torch").cat((labels[:, group_size:], labels.new_full((labels.shape[0], group_size), -100)), 1)),
-    "check_speech_tokens": lambda duration_s, frame_rate_hz, group_size=1: int(duration_s * frame_rate_hz) // group_size,
-    "check_kv_cache_bytes": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
-        num_layers * seq_len * num_kv_heads * head_dim * bytes_per_value,   # forgot the values (only keys)
-    "check_mel_filterbank": lambda n_mels, n_fft, sampling_rate:            # forgot the Slaney normalisation
-        __import__("librosa").filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=n_mels, norm=None),
-    "check_window_mask": lambda num_frames_50hz, window_50hz:               # a sliding band, not 2-s blocks
-        (torch.arange(num_frames_50hz)[:, None] - torch.arange(num_frames_50hz)[None]).abs() < window_50hz,
-    "check_rms_norm": lambda x, weight, eps=1e-6:
-        weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps),        # eps outside the square root
-    "check_apply_rotary": lambda x, cos, sin:                                 # neighbour pairs (2i, 2i+1), GPT-J style
-        x * cos[:, None] + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin[:, None],
-    "check_chat_prompt": lambda question:                                    # no newline after "assistant"
-        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant",
-    "check_qa_labels": lambda input_ids, prompt_lengths, attention_mask:      # forgot to mask the prompt
-        input_ids.masked_fill(attention_mask == 0, -100),
-    "check_concat_grouping": lambda embeddings, group_size, weight:          # channel-major concat, not frame-major
-        torch.nn.functional.linear(torch.nn.functional.pad(embeddings, (0, 0, 0, -embeddings.shape[1] % group_size))
-                                   .unflatten(1, (-1, group_size)).transpose(2, 3).flatten(2), weight),
-    "check_mean_grouping": lambda embeddings, group_size, weight:            # last group averaged over real frames only
-        torch.nn.functional.linear(torch.stack([embeddings[:, g * group_size:(g + 1) * group_size].mean(1) for g in
-                                                range(-(-embeddings.shape[1] // group_size))], 1), weight),
-    "check_align_text_to_groups": lambda text_ids, num_groups, sil_id, replace_ids=():   # forgot to cut a long transcript
-        torch.nn.functional.pad(text_ids, (0, max(0, num_groups - text_ids.shape[-1])), value=sil_id),
-    "check_fsq_quantize": lambda z, levels:                                  # plain rounding, no tanh bound
-        z.round().clamp(-1, 1),
-    "check_tied_parameter_groups": lambda model: [                          # named_parameters() hides the aliases
-        names for names in {id(p): [n for n, q in model.named_parameters() if q is p]
-                            for _, p in model.named_parameters()}.values() if len(names) > 1],
+# For every self-check used in a notebook: the mistakes its notebook warns about (and the other plausible ones),
+# each of which the check must reject while the reference answer passes. A new exercise must add its entry here
+# (test_every_exercise_has_its_mistakes enforces it). Values: {mistake: wrong function}, or
+# {mistake: (wrong function, text the verdict must contain)} where the verdict has to name the culprit.
+F = torch.nn.functional
+
+
+def _pad_frames(embeddings, group_size):                                  # zero frames up to a multiple of k
+    return F.pad(embeddings, (0, 0, 0, -embeddings.shape[1] % group_size))
+
+
+def _fsq_parts(z, levels):
+    levels = torch.tensor(list(levels))
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
+    return levels, half_l, offset, bounded
+
+
+def _fsq_no_ste(z, levels):                                               # round() has zero gradient
+    levels, _, _, bounded = _fsq_parts(z, levels)
+    return bounded.round() / (levels // 2)
+
+
+def _fsq_ste_around_everything(z, levels):                                # gradient of the identity z -> z
+    levels, _, _, bounded = _fsq_parts(z, levels)
+    return z + (bounded.round() / (levels // 2) - z).detach()
+
+
+def _fsq_no_shift(z, levels):                                             # even L: z = 0 not on level 0
+    levels = torch.tensor(list(levels))
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = torch.tanh(z) * half_l - offset
+    return (bounded + (bounded.round() - bounded).detach()) / (levels // 2)
+
+
+def _fsq_no_epsilon(z, levels):                                           # half_l = (L - 1) / 2
+    levels = torch.tensor(list(levels))
+    half_l = (levels - 1) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
+    return (bounded + (bounded.round() - bounded).detach()) / (levels // 2)
+
+
+def _fsq_divide_by_half_width(z, levels):                                 # / half_l instead of / (L // 2)
+    _, half_l, _, bounded = _fsq_parts(z, levels)
+    return (bounded + (bounded.round() - bounded).detach()) / half_l
+
+
+def _fsq_in_place(z, levels):                                             # tanh_ changes the caller's z
+    levels, half_l, offset, _ = _fsq_parts(z.detach(), levels)
+    bounded = z.add_(torch.atanh(offset / half_l)).tanh_() * half_l - offset
+    return (bounded + (bounded.round() - bounded).detach()) / (levels // 2)
+
+
+def _rms_norm_mistake(kind):
+    def rms_norm(x, weight, eps=1e-6):
+        if kind == "eps outside the square root":
+            return weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps)
+        if kind == "no eps":
+            return weight * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+        if kind == "mean subtracted (LayerNorm)":
+            centred = x - x.mean(-1, keepdim=True)
+            return weight * centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+        if kind == "statistics over every dimension":
+            return weight * x * torch.rsqrt(x.pow(2).mean() + eps)
+        if kind == "sum of squares instead of the mean":
+            return weight * x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+        if kind == "no weight":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        raise AssertionError(kind)
+    return rms_norm
+
+
+def _rotary_mistake(kind):
+    def apply_rotary(x, cos, sin):
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        if kind == "GPT-J neighbour pairs (2i, 2i + 1)":
+            rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        elif kind == "rotate_half with the sign on the wrong half":
+            rotated = torch.cat((x2, -x1), dim=-1)
+        elif kind == "halves not swapped":
+            rotated = torch.cat((-x1, x2), dim=-1)
+        else:
+            rotated = torch.cat((-x2, x1), dim=-1)
+        if kind == "cos and sin swapped":
+            return x * sin[:, None] + rotated * cos[:, None]
+        if kind == "cos and sin without a heads axis":
+            return x * cos + rotated * sin
+        return x * cos[:, None] + rotated * sin[:, None]
+    return apply_rotary
+
+
+def _tied_groups(model, *, remove_duplicate=False, key=id, keep_single=False, order=lambda names: names):
+    groups = {}
+    for name, parameter in model.named_parameters(remove_duplicate=remove_duplicate):
+        groups.setdefault(key(parameter), []).append(name)
+    return [order(names) for names in groups.values() if keep_single or len(names) > 1]
+
+
+def _groups_by_value(model):                                              # equal values are not a tie
+    groups = []
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        for group in groups:
+            if group[0][1].shape == parameter.shape and torch.equal(group[0][1], parameter):
+                group.append((name, parameter))
+                break
+        else:
+            groups.append([(name, parameter)])
+    return [[name for name, _ in group] for group in groups if len(group) > 1]
+
+
+def _teacher_forcing(labels, group_size, pad_id, previous_shift=None, fill=True, target_shift=None, wrap=False):
+    previous_shift = {None: -(group_size - 1), "-k": -group_size}.get(previous_shift, previous_shift)
+    target_shift = group_size if target_shift is None else target_shift
+    filled = labels.masked_fill(labels == -100, pad_id) if fill else labels
+    previous = filled.roll(previous_shift, dims=1)
+    if wrap:
+        targets = labels.roll(-target_shift, dims=1)
+    else:
+        ignore = labels.new_full((labels.shape[0], min(target_shift, labels.shape[1])), -100)
+        targets = torch.cat((labels[:, target_shift:], ignore), dim=1)
+    return previous, targets
+
+
+def _window_mask_mistake(kind):
+    def window_mask(num_frames_50hz, window_50hz):
+        query, key = torch.arange(num_frames_50hz)[:, None], torch.arange(num_frames_50hz)[None]   # (T, 1), (1, T)
+        if kind == "sliding band |i - j| < w":
+            return (query - key).abs() < window_50hz
+        if kind == "sliding band |i - j| <= w":
+            return (query - key).abs() <= window_50hz
+        if kind == "i % w instead of i // w":
+            return query % window_50hz == key % window_50hz
+        if kind == "causal inside the window":
+            return (query // window_50hz == key // window_50hz) & (query >= key)
+        raise AssertionError(kind)
+    return window_mask
+
+
+def _align_mistake(kind):
+    def align_text_to_groups(text_ids, num_groups, sil_id, replace_ids=()):
+        kept = text_ids if kind == "long transcript not cut" else text_ids[..., :num_groups]
+        if kind == "cut along the first dimension":
+            kept = text_ids[:num_groups]
+        missing = max(0, num_groups - kept.shape[-1])
+        if kind == "short transcript not padded":
+            aligned = kept.clone()
+        elif kind == "padded with the pad id 0, not <|sil|>":
+            aligned = F.pad(kept, (0, missing), value=0)
+        elif kind == "<|sil|> padding in front":
+            aligned = F.pad(kept, (missing, 0), value=sil_id)
+        else:
+            aligned = F.pad(kept, (0, missing), value=sil_id)
+        if kind == "eos and pad ids left in place":
+            return aligned
+        if kind == "replaced in place (changes the caller's text_ids)":
+            for token in replace_ids:
+                kept.masked_fill_(kept == token, sil_id)
+            return F.pad(kept, (0, missing), value=sil_id)
+        for token in replace_ids:
+            aligned = aligned.masked_fill(aligned == token, sil_id)
+        return aligned
+    return align_text_to_groups
+
+
+def _qa_labels(input_ids, prompt_lengths, attention_mask, *, prompt=True, padding=True, inclusive=False,
+               fill=-100, shift=False):
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    in_prompt = (positions <= prompt_lengths[:, None]) if inclusive else (positions < prompt_lengths[:, None])
+    masked = torch.zeros_like(in_prompt)
+    if prompt:
+        masked = masked | in_prompt
+    if padding:
+        masked = masked | (attention_mask == 0)
+    labels = input_ids.long().masked_fill(masked, fill)
+    if shift:                                                             # the model shifts; do not shift twice
+        labels = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)), dim=1)
+    return labels
+
+
+def _qa_labels_in_place(input_ids, prompt_lengths, attention_mask):
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    return input_ids.masked_fill_((positions < prompt_lengths[:, None]) | (attention_mask == 0), -100)
+
+
+def _speech_tokens_mistake(kind):
+    def speech_tokens(duration_s, frame_rate_hz, group_size=1):
+        product = duration_s * frame_rate_hz
+        if kind == "no round() before the ceiling":
+            return math.ceil(math.ceil(product) / group_size)
+        if kind == "one ceiling of d * f / k, no round()":
+            return math.ceil(product / group_size)
+        if kind == "int() truncates the frames":
+            return math.ceil(int(product) / group_size)
+        if kind == "round() to the nearest frame":
+            return math.ceil(round(product) / group_size)
+        if kind == "floor division drops the partial last group":
+            return math.ceil(round(product, 9)) // group_size
+        if kind == "group_size ignored":
+            return math.ceil(round(product, 9))
+        raise AssertionError(kind)
+    return speech_tokens
+
+
+def _mel_mistake(kind):
+    def mel_filterbank(n_mels, n_fft, sampling_rate):
+        import librosa
+
+        options = {"no Slaney normalisation (peak 1)": dict(norm=None),
+                   "HTK mel scale": dict(htk=True),
+                   "HTK mel scale, no normalisation": dict(htk=True, norm=None)}[kind]
+        with warnings.catch_warnings():                                   # HTK leaves low filters empty
+            warnings.simplefilter("ignore", UserWarning)
+            return librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=n_mels, **options)
+    return mel_filterbank
+
+
+def _mel_linear_spacing(n_mels, n_fft, sampling_rate):                    # triangles evenly spaced in Hz
+    bin_hz = np.arange(n_fft // 2 + 1) * sampling_rate / n_fft
+    edges = np.linspace(0.0, sampling_rate / 2, n_mels + 2)
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising, falling = (bin_hz - lower) / (centre - lower), (upper - bin_hz) / (upper - centre)
+    return np.maximum(0.0, np.minimum(rising, falling)) * 2.0 / (upper - lower)
+
+
+def _ungroup_slice_major(grouped, group_size):                            # all slices 0 first, then all slices 1
+    batch, length, width = grouped.shape
+    return grouped.reshape(batch, length, group_size, -1).transpose(1, 2).reshape(batch, length * group_size, -1)
+
+
+def _ungroup_strided(grouped, group_size):                                # columns s::k, not blocks
+    batch, length, width = grouped.shape
+    return grouped.reshape(batch, length, -1, group_size).transpose(2, 3).reshape(batch, length * group_size, -1)
+
+
+MISTAKES = {
+    "check_speech_tokens": {kind: _speech_tokens_mistake(kind) for kind in (
+        "no round() before the ceiling", "one ceiling of d * f / k, no round()", "int() truncates the frames",
+        "round() to the nearest frame", "floor division drops the partial last group", "group_size ignored")},
+    "check_kv_cache_bytes": {
+        "only the keys": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
+            num_layers * seq_len * num_kv_heads * head_dim * bytes_per_value,
+        "values counted, not bytes": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
+            2 * num_layers * seq_len * num_kv_heads * head_dim,
+        "one layer": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
+            2 * seq_len * num_kv_heads * head_dim * bytes_per_value,
+        "one key-value head": lambda seq_len, num_layers, num_kv_heads, head_dim, bytes_per_value=2:
+            2 * num_layers * seq_len * head_dim * bytes_per_value,
+    },
+    "check_mel_filterbank": {**{kind: _mel_mistake(kind) for kind in (
+        "no Slaney normalisation (peak 1)", "HTK mel scale", "HTK mel scale, no normalisation")},
+        "filters evenly spaced in Hz, not in mel": _mel_linear_spacing},
+    "check_window_mask": {kind: _window_mask_mistake(kind) for kind in (
+        "sliding band |i - j| < w", "sliding band |i - j| <= w", "i % w instead of i // w",
+        "causal inside the window")},
+    "check_fsq_quantize": {
+        "plain rounding, no tanh bound": lambda z, levels: z.round().clamp(-1, 1),
+        "no straight-through estimator (round() has zero gradient)": (_fsq_no_ste, "dL/dz, the gradient"),
+        "straight-through around the whole function (gradient 1)": (_fsq_ste_around_everything, "dL/dz"),
+        "no atanh shift for even L": (_fsq_no_shift, "codes: different"),
+        "no epsilon in half_l": _fsq_no_epsilon,
+        "divided by half_l instead of L // 2": _fsq_divide_by_half_width,
+        "z modified in place": (_fsq_in_place, "in place"),
+    },
+    "check_concat_grouping": {
+        "channel-major concat, not frame-major": lambda embeddings, group_size, weight:
+            F.linear(_pad_frames(embeddings, group_size).unflatten(1, (-1, group_size)).transpose(2, 3).flatten(2),
+                     weight),
+        "partial last group dropped": lambda embeddings, group_size, weight:
+            F.linear(embeddings[:, : embeddings.shape[1] // group_size * group_size]
+                     .reshape(embeddings.shape[0], -1, group_size * embeddings.shape[2]), weight),
+        "zero frames in front": lambda embeddings, group_size, weight:
+            F.linear(F.pad(embeddings, (0, 0, -embeddings.shape[1] % group_size, 0))
+                     .reshape(embeddings.shape[0], -1, group_size * embeddings.shape[2]), weight),
+        "padded by repeating the last frame": lambda embeddings, group_size, weight:
+            F.linear(torch.cat([embeddings] + [embeddings[:, -1:]] * (-embeddings.shape[1] % group_size), 1)
+                     .reshape(embeddings.shape[0], -1, group_size * embeddings.shape[2]), weight),
+        "weight reshaped to (k·H, H_out) instead of transposed": lambda embeddings, group_size, weight:
+            _pad_frames(embeddings, group_size).reshape(embeddings.shape[0], -1, group_size * embeddings.shape[2])
+            @ weight.reshape(weight.shape[1], weight.shape[0]),
+    },
+    "check_mean_grouping": {
+        "last group averaged over its real frames only": lambda embeddings, group_size, weight:
+            F.linear(torch.stack([embeddings[:, g * group_size:(g + 1) * group_size].mean(1)
+                                  for g in range(-(-embeddings.shape[1] // group_size))], 1), weight),
+        "partial last group dropped": lambda embeddings, group_size, weight:
+            F.linear(embeddings[:, : embeddings.shape[1] // group_size * group_size]
+                     .unflatten(1, (-1, group_size)).mean(2), weight),
+        "sum instead of mean": lambda embeddings, group_size, weight:
+            F.linear(_pad_frames(embeddings, group_size).unflatten(1, (-1, group_size)).sum(2), weight),
+        "strided groups (frames g, g + L, ...)": lambda embeddings, group_size, weight:
+            F.linear(_pad_frames(embeddings, group_size).unflatten(1, (group_size, -1)).mean(1), weight),
+        "zero frames in front": lambda embeddings, group_size, weight:
+            F.linear(F.pad(embeddings, (0, 0, -embeddings.shape[1] % group_size, 0))
+                     .unflatten(1, (-1, group_size)).mean(2), weight),
+        "weight reshaped to (H, H_out) instead of transposed": lambda embeddings, group_size, weight:
+            _pad_frames(embeddings, group_size).unflatten(1, (-1, group_size)).mean(2)
+            @ weight.reshape(weight.shape[1], weight.shape[0]),
+    },
+    "check_rms_norm": {kind: _rms_norm_mistake(kind) for kind in (
+        "eps outside the square root", "no eps", "mean subtracted (LayerNorm)", "statistics over every dimension",
+        "sum of squares instead of the mean", "no weight")},
+    "check_apply_rotary": {kind: _rotary_mistake(kind) for kind in (
+        "GPT-J neighbour pairs (2i, 2i + 1)", "rotate_half with the sign on the wrong half", "halves not swapped",
+        "cos and sin swapped", "cos and sin without a heads axis")},
+    "check_chat_prompt": {
+        "no newline after 'assistant'": lambda question:
+            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant",
+        "no newline after <|im_end|>": lambda question:
+            f"<|im_start|>user\n{question}<|im_end|><|im_start|>assistant\n",
+        "no newline after 'user'": lambda question: f"<|im_start|>user{question}<|im_end|>\n<|im_start|>assistant\n",
+        "space instead of newline": lambda question: f"<|im_start|>user {question}<|im_end|> <|im_start|>assistant ",
+        "Qwen2.5's default system turn added": lambda question:
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+    },
+    "check_qa_labels": {
+        "prompt not masked": partial(_qa_labels, prompt=False),
+        "padding not masked": partial(_qa_labels, padding=False),
+        "prompt mask one too long (<=)": partial(_qa_labels, inclusive=True),
+        "masked with 0, not -100": partial(_qa_labels, fill=0),
+        "labels shifted by one (the model shifts them)": partial(_qa_labels, shift=True),
+        "input_ids masked in place": (_qa_labels_in_place, "in place"),
+    },
+    "check_align_text_to_groups": {kind: _align_mistake(kind) for kind in (
+        "long transcript not cut", "cut along the first dimension", "short transcript not padded",
+        "padded with the pad id 0, not <|sil|>", "<|sil|> padding in front", "eos and pad ids left in place",
+        "replaced in place (changes the caller's text_ids)")},
+    "check_tied_parameter_groups": {
+        "named_parameters() hides the aliases": (lambda model: _tied_groups(model, remove_duplicate=True),
+                                                 "expected 1 group, got 0"),
+        "equal values taken for a tie": _groups_by_value,
+        "single names kept": (lambda model: _tied_groups(model, keep_single=True), "expected 1 group, got 94"),
+        "names sorted, not in module order": lambda model: _tied_groups(model, order=sorted),
+        "groups sorted by name, not in module order": lambda model: sorted(_tied_groups(model)),
+    },
+    "check_ungroup": {
+        "strided slices (columns s::k), not blocks": _ungroup_strided,
+        "slice-major order (all slices 0 first)": _ungroup_slice_major,
+    },
+    "check_teacher_forcing_ids": {
+        "previous: the usual LM shift (label j - 1)": (partial(_teacher_forcing, previous_shift=1),
+                                                       "previous (the speech ids the SRH embeds)"),
+        "previous: not shifted (label j)": (partial(_teacher_forcing, previous_shift=0), "previous"),
+        "previous: rolled by -k (label j + k, the target itself)": (partial(_teacher_forcing, previous_shift="-k"),
+                                                                    "previous"),
+        "previous: -100 not read as pad_id": (partial(_teacher_forcing, fill=False), "previous"),
+        "targets: not shifted": (partial(_teacher_forcing, target_shift=0), "targets (the labels it is scored on)"),
+        "targets: shifted by one, as in a text LM": (partial(_teacher_forcing, target_shift=1), "targets"),
+        "targets: rolled, the last k wrap around": (partial(_teacher_forcing, wrap=True), "targets"),
+    },
 }
 
 
@@ -97,19 +416,54 @@ def test_student_stub_reports_todo_without_crashing(name, source):
     student = student_version({"cells": [{"cell_type": "code", "source": source, "metadata": {}, "outputs": [],
                                           "execution_count": 1}], "metadata": {}}, number)
     output = _run(student["cells"][0]["source"])
-    assert "[todo]" in output and "[pass]" not in output
+    assert "[todo]" in output and "[pass]" not in output and "In this cell, replace the line" in output, output
 
 
-def test_every_exercise_has_a_wrong_answer():
+def _mistakes():
+    for check_name, mistakes in sorted(MISTAKES.items()):
+        for mistake, entry in mistakes.items():
+            wrong, says = entry if isinstance(entry, tuple) else (entry, None)
+            yield check_name, mistake, wrong, says
+
+
+def test_every_exercise_has_its_mistakes():
     used = {m for _, source in EXERCISES for m in re.findall(r"(check_\w+)\(", source)}
-    assert used <= set(WRONG_ANSWERS), f"add wrong answers for {sorted(used - set(WRONG_ANSWERS))}"
+    assert used <= set(MISTAKES), f"list the mistakes of {sorted(used - set(MISTAKES))} in MISTAKES"
+    assert set(MISTAKES) <= set(checks.__all__), f"no such check: {sorted(set(MISTAKES) - set(checks.__all__))}"
+    few = [name for name, mistakes in MISTAKES.items() if len(mistakes) < 2]
+    assert not few, f"list every mistake the notebook warns about, not one: {few}"
 
 
-@pytest.mark.parametrize("check_name", sorted(WRONG_ANSWERS))
-def test_wrong_answer_fails_its_check(check_name, capsys):
-    assert getattr(checks, check_name)(WRONG_ANSWERS[check_name]) is None
+@pytest.mark.parametrize("check_name, mistake, wrong, says", list(_mistakes()),
+                         ids=[f"{name}:{mistake}" for name, mistake, _, _ in _mistakes()])
+def test_mistake_fails_its_check(check_name, mistake, wrong, says, capsys):
+    assert getattr(checks, check_name)(wrong) is None
     out = capsys.readouterr().out
-    assert "[fail]" in out and "[pass]" not in out
+    assert out.startswith("[fail]") and "[pass]" not in out and "Hint: " in out, out
+    if says is not None:                                                 # the verdict itself, not the hint
+        assert says in out.split("Hint: ")[0], f"the verdict should name the culprit ({says!r}):\n{out}"
+
+
+def _speech_tokens_in_decimal(duration_s, frame_rate_hz, group_size=1):           # exact decimal arithmetic
+    from decimal import Decimal
+
+    frames = math.ceil(Decimal(repr(duration_s)) * Decimal(repr(frame_rate_hz)))
+    return -(-frames // group_size)
+
+
+def _fsq_in_float64(z, levels):                                                     # other dtype, other order
+    levels = torch.as_tensor(levels, dtype=torch.float64)
+    half_l = (levels - 1) * 1.001 / 2
+    offset = (levels % 2 == 0).double() * 0.5
+    bounded = half_l * torch.tanh(z.double() + torch.atanh(offset / half_l)) - offset
+    return (((bounded.round() - bounded).detach() + bounded) / torch.floor(levels / 2)).float()
+
+
+@pytest.mark.parametrize("check_name, answer", [("check_speech_tokens", _speech_tokens_in_decimal),
+                                                ("check_fsq_quantize", _fsq_in_float64)])
+def test_a_right_answer_written_differently_passes(check_name, answer, capsys):
+    getattr(checks, check_name)(answer)
+    assert capsys.readouterr().out.startswith("[pass]")
 
 
 def test_student_version_replaces_solutions_tags_and_clears():

@@ -60,6 +60,7 @@ def test_build_random_model_allocates_in_the_requested_dtype():
     assert not model.training
 
 
+@pytest.mark.bf16_cpu
 def test_tiny_run_on_cpu_reports_every_measurement():
     result = run_gpu_check(tiny=True, audio_seconds=2.0, s2t_tokens=6, s2m_steps=8)
     assert set(result) == KEYS

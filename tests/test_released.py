@@ -169,6 +169,7 @@ def test_save_replaces_an_earlier_layout(official, tmp_path):
     assert torch.equal(load_released(tmp_path).language_model.lm_head.weight, official.language_model.lm_head.weight)
 
 
+@pytest.mark.bf16_cpu
 def test_bfloat16_load(official, tmp_path):
     loaded = load_released(CHECKPOINT, dtype=torch.bfloat16)
     assert all(parameter.dtype == torch.bfloat16 for parameter in loaded.parameters())
