@@ -1,10 +1,16 @@
 """Course tooling: ``python -m fac_mini <command>``.
 
   data build [--out DIR] [--cache DIR] [--seed N]   synthesise the speech corpus and train the text tokenizer
-  data check                                        verify shipped files against the manifest
+  data check [--data DIR]                           verify every shipped file of data/ against data/SHA256SUMS
+  data seal [--data DIR]                            rewrite data/SHA256SUMS after a deliberate change
   exercises [--check]                               write notebooks/ from solutions/ (or fail if stale)
   m0 train|eval [...]                               train / evaluate the text LLM M0 (data/m0)
   speech-tokenizer train|eval [...]                 train / evaluate the 25 Hz speech tokenizer (data/speech_tokenizer)
+  srh train|eval [...]                              the SRH vs parallel head study (data/srh_study)
+
+Recipes share one flag set (see fac_mini.train.cli): train --out --state-dir --restart --steps --threads --force;
+eval --path --json --threads --limit. A run writes under data/cache/runs/<recipe> unless it is the full shipped
+recipe and --out names the shipped folder.
   bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
   bench load [--json] [--size-gb G] [--dtype D]     peak memory and time of load_released on a >= 1 GB checkpoint
 """
@@ -17,12 +23,22 @@ from pathlib import Path
 
 
 def _data_build(args) -> int:
-    from .corpus import build_corpus
+    from .corpus import CORPUS_DIR, build_corpus
     from .tokenizer import TOKENIZER_DIR, train_tokenizer
+    from .train.seal import refresh_seal
 
-    manifest = build_corpus(args.out, args.cache, seed=args.seed)
     tokenizer_dir = Path(args.tokenizer_out) if args.tokenizer_out else TOKENIZER_DIR
+    shipped = [path for path in (Path(args.out), tokenizer_dir) if path.resolve() in
+               (CORPUS_DIR.resolve(), TOKENIZER_DIR.resolve())]
+    if args.seed != 0 and shipped and not args.force:
+        print(f"python -m fac_mini data build: error: --seed {args.seed} would overwrite the shipped "
+              f"{', '.join(map(str, shipped))}; pass --out and --tokenizer-out outside data/ (or --force)",
+              file=sys.stderr)
+        return 2
+    manifest = build_corpus(args.out, args.cache, seed=args.seed)
     train_tokenizer(seed=args.seed).save_pretrained(str(tokenizer_dir))
+    for folder in (Path(args.out), tokenizer_dir):
+        refresh_seal(folder)
     summary = {split: info for split, info in manifest["splits"].items()}
     print(json.dumps({"utterances": manifest["utterances"], "duration_min": round(manifest["duration_s"] / 60, 1),
                       "splits": summary, "build_seconds": manifest["build_seconds"],
@@ -31,15 +47,26 @@ def _data_build(args) -> int:
 
 
 def _data_check(args) -> int:
-    from .corpus import file_sha256, read_manifest
+    from .train.seal import check_data
 
-    manifest = read_manifest(args.out)
-    bad = [name for name, digest in manifest["shipped_files_sha256"].items()
-           if not (Path(args.out) / name).is_file() or file_sha256(Path(args.out) / name) != digest]
-    if bad:
-        print(f"{len(bad)} shipped files are missing or differ from the manifest, e.g. {bad[0]}", file=sys.stderr)
+    problems = check_data(args.data)
+    if problems:
+        print(f"{len(problems)} problems in {args.data} (restore the shipped files with `git checkout -- data/`):",
+              file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
         return 1
-    print(f"ok: {len(manifest['shipped_files_sha256'])} shipped files match the manifest")
+    from .train.seal import read_seal
+
+    print(f"ok: {len(read_seal(args.data))} shipped files match {Path(args.data) / 'SHA256SUMS'}")
+    return 0
+
+
+def _data_seal(args) -> int:
+    from .train.seal import sealed_files, write_seal
+
+    path = write_seal(args.data)
+    print(f"sealed {len(sealed_files(args.data))} files in {path}")
     return 0
 
 
@@ -64,8 +91,8 @@ def _exercises(args) -> int:
 # command -> {action: (module, function, whether the function also receives the action word)}.
 DELEGATED = {
     "m0": {"train": ("fac_mini.m0", "main_train", False), "eval": ("fac_mini.m0", "main_eval", False)},
-    "speech-tokenizer": {"train": ("fac_mini.speech_tokenizer", "main_train", False),
-                         "eval": ("fac_mini.speech_tokenizer", "main_eval", False)},
+    "speech-tokenizer": {"train": ("fac_mini.train.speech_tokenizer", "main_train", False),
+                         "eval": ("fac_mini.train.speech_tokenizer", "main_eval", False)},
     "srh": {"train": ("fac_mini.srh_study", "main_train", False), "eval": ("fac_mini.srh_study", "main_eval", False)},
     "bench": {"drsr": ("fac_mini.bench", "main_bench", True),
               "load": ("fac_mini.released", "main_bench_load", False)},
@@ -87,6 +114,7 @@ def _delegate(argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import DATA_DIR
     from .corpus import CACHE_CORPUS_DIR, CORPUS_DIR
 
     argv = sys.argv[1:] if argv is None else argv
@@ -104,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--cache", default=str(CACHE_CORPUS_DIR), help="folder for the splits not kept in git")
     build.add_argument("--tokenizer-out", default=None, help="tokenizer folder (default data/tokenizer)")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="allow a non-default seed to overwrite data/")
     build.set_defaults(handler=_data_build)
-    check = data.add_parser("check", help="verify the shipped corpus files against the manifest")
-    check.add_argument("--out", default=str(CORPUS_DIR))
+    check = data.add_parser("check", help="verify every shipped file of data/ against data/SHA256SUMS")
+    check.add_argument("--data", type=Path, default=DATA_DIR, help="the data folder (default %(default)s)")
     check.set_defaults(handler=_data_check)
+    seal = data.add_parser("seal", help="rewrite data/SHA256SUMS from the files as they are now")
+    seal.add_argument("--data", type=Path, default=DATA_DIR)
+    seal.set_defaults(handler=_data_seal)
 
     exercises = commands.add_parser("exercises", help="generate notebooks/ from solutions/")
     exercises.add_argument("--check", action="store_true", help="fail if notebooks/ differs from what would be written")

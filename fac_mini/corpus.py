@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import CACHE_DIR, DATA_DIR, file_sha256
+from . import CACHE_DIR, DATA_DIR
+from .train.store import file_sha256
 from .tts import VOICES
 from .world import build_world
 

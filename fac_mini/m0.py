@@ -19,18 +19,18 @@ question. :func:`evaluate_knowledge` scores greedy answers (exact match with the
 accuracy": the right value and no other value of that attribute) and a cheap teacher-forced metric (answer
 negative log-likelihood and token accuracy), the one to plot along a forgetting curve.
 
-Commands (wired in ``python -m fac_mini m0 ...``): :func:`main_train` rebuilds ``data/m0/`` (model.safetensors,
-config.json, train_log.json, manifest.json); :func:`main_eval` prints the knowledge metrics of a checkpoint.
-Training state checkpoints (model, optimizer, scheduler, RNG, data order, step) go to ``CACHE_DIR/m0`` (not in
-git) and a rerun of the same command resumes from them, bit for bit.
+Commands (wired in ``python -m fac_mini m0 ...``, flags of ``fac_mini.train.cli``): :func:`main_train` trains M0
+with the course's loop and writes a folder (model.safetensors, config.json, train_log.json, manifest.json) under
+``data/cache/runs/m0``, or rebuilds the shipped ``data/m0`` with ``--out data/m0``; :func:`main_eval` prints the
+knowledge metrics of a checkpoint. The resumable training state lives in ``data/cache/state/m0`` (not in git): a
+rerun of the same command continues from it, bit for bit.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
+import dataclasses
 import json
-import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,19 +38,26 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import CACHE_DIR, DATA_DIR, atomic_write, file_sha256, set_seed
+from . import DATA_DIR
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, generate_greedy, llm_config_from_hf
 from .tokenizer import TOKENIZER_DIR, load_tokenizer
+from .train.cli import (RecipeParser, add_eval_flags, add_train_flags, output_folder, positive_float, positive_int,
+                        run_command, write_manifest)
+from .train.loop import TrainConfig, TrainResult, adamw, torch_threads, train
+from .train.seal import refresh_seal
+from .train.store import (atomic_directory, atomic_write_json, check_state_dict, file_sha256, read_json,
+                          read_safetensors, save_safetensors)
 from .world import ATTRIBUTES, VALUES, TextExample, World, build_world
 
 __all__ = [
-    "M0_CONFIG", "M0_DIR", "M0_STATE_DIR", "DEFAULT_TRAIN_ARGS", "chat_prompt", "chat_text", "statement_text",
-    "qa_labels", "encode_statement", "encode_qa", "build_m0_sequences", "collate", "train_m0", "save_m0",
+    "M0_CONFIG", "M0_DIR", "M0_TRAIN", "TRAIN_COMMAND", "chat_prompt", "chat_text", "statement_text",
+    "qa_labels", "encode_statement", "encode_qa", "build_m0_sequences", "collate", "KindBucketSampler", "M0Recipe",
+    "train_m0", "save_m0",
     "load_m0", "answer_questions", "evaluate_knowledge", "main_train", "main_eval",
 ]
 
 M0_DIR = DATA_DIR / "m0"               # shipped artefacts (git)
-M0_STATE_DIR = CACHE_DIR / "m0"        # resumable training state (ignored by git)
+TRAIN_COMMAND = "python -m fac_mini m0 train"
 WEIGHTS_FILE, CONFIG_FILE, LOG_FILE, MANIFEST_FILE = ("model.safetensors", "config.json", "train_log.json",
                                                       "manifest.json")
 
@@ -71,10 +78,10 @@ M0_CONFIG = LLMConfig(
     tie_word_embeddings=False,
     initializer_range=0.02,
 )
-# The shipped run: `python -m fac_mini m0 train` with these defaults.
+# The shipped run: `python -m fac_mini m0 train --out data/m0` with these defaults.
 # 600 steps = 20 epochs of the 960 sequences (30 batches of 32 per epoch); ~0.5-0.7 s a step on one CPU thread.
-DEFAULT_TRAIN_ARGS = dict(steps=600, batch_size=32, lr=3e-3, seed=0, warmup_steps=30, weight_decay=0.1,
-                          min_lr_ratio=0.1, log_every=10, checkpoint_every=100, threads=1)
+M0_TRAIN = TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup=30, min_lr_ratio=0.1, weight_decay=0.1, seed=0,
+                       log_every=10, checkpoint_every=100)
 
 CHAT_USER = "<|im_start|>user\n"
 CHAT_ASSISTANT = "<|im_start|>assistant\n"
@@ -175,171 +182,104 @@ def collate(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> di
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training
+# Training (the shared loop of fac_mini.train.loop; M0 brings its model, optimiser, sampler and loss)
 # ----------------------------------------------------------------------------------------------------------
-def _lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class KindBucketSampler:
+    """Batches of one kind each, to save padding: statements (~12 tokens) and chat exchanges (~36 tokens) are
+    shuffled separately every epoch, cut into batches (a short remainder is dropped), and the batches of both kinds
+    are shuffled together. All draws come from the sampler's own generator (seeded with ``seed``)."""
+
+    def __init__(self, sequences: Sequence[tuple[list[int], int]], batch_size: int, seed: int):
+        self.kinds = [[i for i, (_, prompt) in enumerate(sequences) if (prompt > 0) == is_chat]
+                      for is_chat in (False, True)]
+        smallest = min(len(kind) for kind in self.kinds)
+        if batch_size > smallest:
+            raise ValueError(f"batch_size={batch_size} exceeds the {smallest} sequences of a kind (statements or "
+                             f"chats); batches hold one kind")
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches: list[list[int]] = []
+        self.position = 0
+
+    def _epoch(self) -> list[list[int]]:
+        batches = []
+        for kind in self.kinds:
+            members = torch.tensor(kind)[torch.randperm(len(kind), generator=self.generator)].tolist()
+            batches += [members[i:i + self.batch_size]
+                        for i in range(0, len(members) - self.batch_size + 1, self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+
+    def next_batch(self) -> list[int]:
+        if self.position == len(self.batches):             # a new epoch
+            self.batches, self.position = self._epoch(), 0
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "batches": self.batches, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches, self.position = state["batches"], state["position"]
 
 
-def _make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norm weights), betas (0.9, 0.95) as in LLM pretraining."""
-    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+class M0Recipe:
+    """M0 from scratch on the world's text: a Qwen3 of ``config``, AdamW with betas (0.9, 0.95) and weight decay
+    on matrices only (as in LLM pretraining), batches of one kind, the causal-LM loss of ``fac_mini.llm``."""
+    name = "m0"
+
+    def __init__(self, config: LLMConfig = M0_CONFIG, tokenizer=None, world: World | None = None):
+        self.config = config
+        self.tokenizer = load_tokenizer() if tokenizer is None else tokenizer
+        if len(self.tokenizer) > config.vocab_size:
+            raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the tokenizer "
+                             f"({len(self.tokenizer)})")
+        self.sequences = build_m0_sequences(self.tokenizer, world)
+
+    def build_model(self) -> Qwen3ForCausalLM:
+        return Qwen3ForCausalLM(self.config)
+
+    def build_optimizer(self, model, train_config: TrainConfig):
+        return adamw(model, train_config, betas=(0.9, 0.95), decay_matrices_only=True)
+
+    def build_sampler(self, train_config: TrainConfig) -> KindBucketSampler:
+        return KindBucketSampler(self.sequences, train_config.batch_size, train_config.seed)
+
+    def loss(self, model, batch: list[int]) -> torch.Tensor:
+        inputs = collate([self.sequences[i] for i in batch], self.tokenizer.pad_token_id)
+        return model(inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss
+
+    def fingerprint(self) -> Any:
+        return {"config": self.config.to_dict(), "data": self.sequences}
 
 
-def _epoch_batches(sequences: list[tuple[list[int], int]], batch_size: int,
-                   generator: torch.Generator) -> list[list[int]]:
-    """One epoch of batches (lists of sequence indices), bucketed by kind to save padding: statements (~12 tokens)
-    and chat exchanges (~36 tokens) are shuffled separately, cut into batches (a short remainder is dropped), and
-    the batches of both kinds are shuffled together. All draws come from ``generator``."""
-    batches = []
-    for is_chat in (False, True):
-        members = torch.tensor([i for i, (_, prompt) in enumerate(sequences) if (prompt > 0) == is_chat])
-        members = members[torch.randperm(len(members), generator=generator)].tolist()
-        batches += [members[i:i + batch_size] for i in range(0, len(members) - batch_size + 1, batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+def train_m0(config: LLMConfig = M0_CONFIG, train_config: TrainConfig = M0_TRAIN, *,
+             state_dir: Path | str | None = None, resume: bool = True, stop_after: int | None = None,
+             threads: int | None = 1, progress: bool = True, tokenizer=None, world: World | None = None) -> TrainResult:
+    """Train M0 from scratch on the world's text with the course's loop (:func:`fac_mini.train.loop.train`).
 
-
-def _run_key(config: LLMConfig, hparams: dict[str, Any], sequences: list) -> str:
-    """A short hash of everything that determines the run, so a state file is only resumed by the same run."""
-    blob = json.dumps({"config": config.to_dict(), "hparams": hparams, "data": sequences}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def train_m0(config: LLMConfig = M0_CONFIG, steps: int = DEFAULT_TRAIN_ARGS["steps"],
-             batch_size: int = DEFAULT_TRAIN_ARGS["batch_size"], lr: float = DEFAULT_TRAIN_ARGS["lr"],
-             seed: int = DEFAULT_TRAIN_ARGS["seed"], out_dir: Path | str | None = M0_DIR, resume: bool = True, *,
-             state_dir: Path | str = M0_STATE_DIR, warmup_steps: int = DEFAULT_TRAIN_ARGS["warmup_steps"],
-             weight_decay: float = DEFAULT_TRAIN_ARGS["weight_decay"],
-             min_lr_ratio: float = DEFAULT_TRAIN_ARGS["min_lr_ratio"],
-             log_every: int = DEFAULT_TRAIN_ARGS["log_every"],
-             checkpoint_every: int = DEFAULT_TRAIN_ARGS["checkpoint_every"], stop_at: int | None = None,
-             tokenizer=None, world: World | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train M0 from scratch on the world's text; return ``{"model", "log", "step", "train_seconds", "run_key"}``.
-
-    AdamW (wd on matrices) + linear warm-up and cosine decay to ``min_lr_ratio · lr``, gradient clipping at 1,
-    batches of ``batch_size`` sequences of one kind (statements or chats, see ``_epoch_batches``) drawn without
-    replacement, in an order made by an explicit ``torch.Generator(seed)``; the initial weights come from
-    ``set_seed(seed)`` (which reseeds the global RNGs). Every ``checkpoint_every`` steps the whole training state
-    (model, optimizer, scheduler, generator and global RNG states, the epoch's batches and position, step, log,
-    elapsed time) is written atomically to ``state_dir/state-<run_key>.pt``; ``run_key`` hashes the config,
-    hyper-parameters and data, so only the same run resumes it. With ``resume=True`` a run continues from that
-    state and ends with bitwise the same parameters as an uninterrupted run (same machine and thread count).
-
-    ``stop_at`` stops after that step (state saved, no artefacts), as if interrupted. When the last step is
-    reached and ``out_dir`` is not None, the artefacts ``model.safetensors``, ``config.json`` and
-    ``train_log.json`` are written there (see :func:`save_m0`); the manifest is :func:`main_train`'s job.
-    The log has one row per ``log_every`` steps: the mean training loss over those steps (nats per scored token)
-    and the learning rate after that step's scheduler update.
+    Warm-up + cosine schedule, gradient clipping at 1, seeded initial weights and batch order; with ``state_dir``
+    the run is resumable to bit-identical weights. Returns the loop's ``TrainResult`` (model in eval mode, log rows
+    of mean loss and learning rate every ``train_config.log_every`` steps).
     """
-    from tqdm.auto import tqdm
-
-    if steps <= 0 or batch_size <= 0 or not lr > 0 or warmup_steps < 0 or log_every <= 0 or checkpoint_every <= 0:
-        raise ValueError(f"need steps, batch_size, log_every, checkpoint_every > 0, lr > 0 and warmup_steps >= 0; "
-                         f"got steps={steps}, batch_size={batch_size}, lr={lr}, warmup_steps={warmup_steps}, "
-                         f"log_every={log_every}, checkpoint_every={checkpoint_every}")
-    tokenizer = load_tokenizer() if tokenizer is None else tokenizer
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
-    sequences = build_m0_sequences(tokenizer, world)
-    smallest_kind = min(sum(prompt == 0 for _, prompt in sequences), sum(prompt > 0 for _, prompt in sequences))
-    if batch_size > smallest_kind:
-        raise ValueError(f"batch_size={batch_size} exceeds the {smallest_kind} sequences of a kind (statements or "
-                         f"chats); batches hold one kind")
-    hparams = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=warmup_steps,
-                   weight_decay=weight_decay, min_lr_ratio=min_lr_ratio)
-    run_key = _run_key(config, hparams, sequences)
-    state_dir = Path(state_dir)
-    state_path = state_dir / f"state-{run_key}.pt"
-
-    set_seed(seed)                                     # the model's initial weights come from the global RNG
-    model = Qwen3ForCausalLM(config)
-    optimizer = _make_optimizer(model, lr, weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, steps, warmup_steps, min_lr_ratio))
-    generator = torch.Generator().manual_seed(seed)    # batching order only
-    batches, position, step, log, elapsed = _epoch_batches(sequences, batch_size, generator), 0, 0, [], 0.0
-    window: list[float] = []                           # losses since the last log row
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        batches, position, step, log, elapsed, window = (state["batches"], state["position"], state["step"],
-                                                         state["log"], state["elapsed_s"], state["window"])
-
-    def save_state() -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "batches": batches, "position": position, "step": step,
-                 "log": log, "window": window, "elapsed_s": elapsed, "run_key": run_key,
-                 "config": config.to_dict(), "hparams": hparams}
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-
-    last = steps if stop_at is None else min(steps, stop_at)
-    model.train()
-    started = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc="M0", disable=not progress, dynamic_ncols=True)
-    while step < last:
-        if position == len(batches):                   # a new epoch
-            batches, position = _epoch_batches(sequences, batch_size, generator), 0
-        batch = collate([sequences[i] for i in batches[position]], tokenizer.pad_token_id)
-        position += 1
-        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        window.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            log.append({"step": step, "loss": round(sum(window) / len(window), 5),
-                        "lr": round(optimizer.param_groups[0]["lr"], 8)})
-            window = []
-            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
-        bar.update(1)
-        if step % checkpoint_every == 0 or step == last:
-            elapsed += time.perf_counter() - started
-            started = time.perf_counter()
-            save_state()
-    bar.close()
-    model.eval()
-    if step == steps and out_dir is not None:
-        save_m0(model, out_dir, log=log)
-    return {"model": model, "log": log, "step": step, "train_seconds": round(elapsed, 1), "run_key": run_key}
+    return train(M0Recipe(config, tokenizer, world), train_config, state_dir=state_dir, resume=resume,
+                 stop_after=stop_after, threads=threads, progress=progress)
 
 
 def save_m0(model: Qwen3ForCausalLM, out_dir: Path | str, log: list[dict] | None = None,
             dtype: torch.dtype = torch.float32) -> dict[str, Path]:
     """Write ``model.safetensors`` (weights in ``dtype``), ``config.json`` (HF Qwen3 style) and, if given,
     ``train_log.json`` to ``out_dir``, each atomically; return their paths."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {name: tensor.detach().to(dtype).contiguous().clone() for name, tensor in model.state_dict().items()}
     paths = {"model": out_dir / WEIGHTS_FILE, "config": out_dir / CONFIG_FILE}
-    atomic_write(paths["model"], lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    save_safetensors({name: tensor.to(dtype) for name, tensor in model.state_dict().items()}, paths["model"])
     hf_config = dict(model.config.to_hf_dict(), architectures=["Qwen3ForCausalLM"], torch_dtype=str(dtype)[6:],
                      bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    _write_text(json.dumps(hf_config, indent=1) + "\n", paths["config"])
+    atomic_write_json(paths["config"], hf_config)
     if log is not None:
         paths["log"] = out_dir / LOG_FILE
-        _write_text(json.dumps({"columns": ["step", "loss", "lr"],
-                                "rows": [[r["step"], r["loss"], r["lr"]] for r in log]}) + "\n", paths["log"])
+        atomic_write_json(paths["log"], {"columns": ["step", "loss", "lr"],
+                                         "rows": [[r["step"], r["loss"], r["lr"]] for r in log]}, indent=None)
     return paths
 
 
@@ -349,35 +289,22 @@ def save_m0(model: Qwen3ForCausalLM, out_dir: Path | str, log: list[dict] | None
 def load_m0(path: Path | str = M0_DIR, tokenizer_path: Path | str = TOKENIZER_DIR):
     """Load a checkpoint written by :func:`save_m0` -> (model in eval mode, float32, tokenizer).
 
-    Raises ``FileNotFoundError`` naming a missing file, ``ValueError`` naming a bad config, missing/unexpected
-    keys, or a tensor whose shape differs from the config's.
+    Raises ``FileNotFoundError`` naming a missing file, ``ValueError`` naming a corrupt file, a bad config,
+    missing/unexpected keys, or a tensor whose shape differs from the config's.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
+    hint = f"rebuild M0 with `{TRAIN_COMMAND}` or restore the shipped files with `git checkout -- data/m0`"
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is missing; rebuild M0 with `python -m fac_mini m0 train`")
+            raise FileNotFoundError(f"{path / name} is missing; {hint}")
+    config_data = read_json(path / CONFIG_FILE, "M0 config", hint)
     try:
-        config = llm_config_from_hf(json.loads((path / CONFIG_FILE).read_text()))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {error}") from None
-    try:
-        weights = load_file(str(path / WEIGHTS_FILE))
-    except SafetensorError as error:
-        raise ValueError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {error}") from None
+        config = llm_config_from_hf(config_data)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
+    weights = read_safetensors(path / WEIGHTS_FILE, hint)
     model = Qwen3ForCausalLM(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: missing keys {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                             f"{tuple(expected[name].shape)}")
+    check_state_dict(weights, model.state_dict(), path / WEIGHTS_FILE)
     model.load_state_dict({name: tensor.float() for name, tensor in weights.items()}, strict=True)
     tokenizer = load_tokenizer(tokenizer_path)
     if len(tokenizer) > config.vocab_size:
@@ -486,59 +413,51 @@ def evaluate_knowledge(model: Qwen3ForCausalLM, tokenizer, split: str = "heldout
 # ----------------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------------
-def main_train(argv: list[str] | None = None) -> int:
-    """``python -m fac_mini m0 train``: train M0, write data/m0/ (weights, config, log, manifest with metrics)."""
-    d = DEFAULT_TRAIN_ARGS
-    parser = argparse.ArgumentParser(prog="python -m fac_mini m0 train", description=main_train.__doc__)
-    parser.add_argument("--steps", type=int, default=d["steps"])
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-    parser.add_argument("--lr", type=float, default=d["lr"])
-    parser.add_argument("--seed", type=int, default=d["seed"])
-    parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
-    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    parser.add_argument("--threads", type=int, default=d["threads"],
-                        help="torch CPU threads (1 is fastest for this small model on a shared 2-core machine; "
-                             "bitwise reproduction needs the same count)")
-    parser.add_argument("--out", type=Path, default=M0_DIR, help="artefact folder (default data/m0)")
-    parser.add_argument("--state-dir", type=Path, default=M0_STATE_DIR, help="resumable state (default cache/m0)")
-    parser.add_argument("--no-resume", action="store_true", help="ignore a saved training state")
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """``python -m fac_mini m0 train``: train M0 and write its folder (weights, config, log, manifest with the
+    knowledge metrics). The shipped ``data/m0`` is rebuilt only by ``m0 train --out data/m0`` with the defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    t = M0_TRAIN
+    parser = RecipeParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
+    add_train_flags(parser, "m0", steps=t.steps)
+    parser.add_argument("--batch-size", type=positive_int, default=t.batch_size)
+    parser.add_argument("--lr", type=positive_float, default=t.lr, help="peak learning rate")
+    parser.add_argument("--seed", type=int, default=t.seed)
     args = parser.parse_args(argv)
-    command = (f"python -m fac_mini m0 train --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-               f"--seed {args.seed} --warmup-steps {args.warmup_steps} --weight-decay {args.weight_decay} "
-               f"--threads {args.threads}")
-    torch.set_num_threads(args.threads)
+    out = output_folder(parser, args, "m0", M0_DIR, {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
+                                                     "seed": t.seed, "threads": 1})
+    train_config = dataclasses.replace(t, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     started = time.perf_counter()
-    result = train_m0(M0_CONFIG, args.steps, args.batch_size, args.lr, args.seed, args.out, not args.no_resume,
-                      state_dir=args.state_dir, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
-    model, tokenizer = load_m0(args.out)               # evaluate exactly what was shipped
-    metrics = {split: evaluate_knowledge(model, tokenizer, split) for split in ("heldout", "train")}
-    metrics["heldout_first20"] = evaluate_knowledge(model, tokenizer, "heldout", limit=20)   # what the test reruns
-    files = {name: file_sha256(args.out / name) for name in (WEIGHTS_FILE, CONFIG_FILE, LOG_FILE)}
-    manifest = {"name": "m0", "command": command, "seed": args.seed, "steps": args.steps,
-                "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
-                "weight_decay": args.weight_decay, "min_lr_ratio": d["min_lr_ratio"],
-                "config": M0_CONFIG.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-                "train_seconds": result["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
-                "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "run_key": result["run_key"],
-                "final_loss": result["log"][-1]["loss"], "tokenizer_sha256": file_sha256(TOKENIZER_DIR / "tokenizer.json"),
-                "files_sha256": files, "metrics": metrics}
-    _write_text(json.dumps(manifest, indent=1) + "\n", args.out / MANIFEST_FILE)
-    print(json.dumps({k: manifest[k] for k in ("train_seconds", "wall_seconds", "final_loss")}
-                     | {"heldout": {k: v for k, v in metrics["heldout"].items()}}, indent=1))
+    result = train_m0(M0_CONFIG, train_config, state_dir=args.state_dir, resume=not args.restart,
+                      threads=args.threads)
+    with atomic_directory(out) as folder:
+        save_m0(result.model, folder, log=result.log)
+        model, tokenizer = load_m0(folder)                 # evaluate exactly what is shipped
+        with torch_threads(args.threads):
+            metrics = {split: evaluate_knowledge(model, tokenizer, split) for split in ("heldout", "train")}
+            metrics["heldout_first20"] = evaluate_knowledge(model, tokenizer, "heldout", limit=20)  # the test reruns it
+        manifest = write_manifest(
+            folder, "m0", run_command(TRAIN_COMMAND, argv), (WEIGHTS_FILE, CONFIG_FILE, LOG_FILE),
+            config=M0_CONFIG.to_dict(), train=train_config.to_dict(), threads=args.threads, run_key=result.run_key,
+            parameters=sum(p.numel() for p in model.parameters()), train_seconds=result.train_seconds,
+            wall_seconds=round(time.perf_counter() - started, 1), final_loss=result.log[-1]["loss"],
+            tokenizer_sha256=file_sha256(TOKENIZER_DIR / "tokenizer.json"), metrics=metrics)
+    refresh_seal(out)
+    print(json.dumps({"out": str(out), "train_seconds": manifest["train_seconds"],
+                      "final_loss": manifest["final_loss"], "heldout": metrics["heldout"]}, indent=1))
     return 0
 
 
-def main_eval(argv: list[str] | None = None) -> int:
+def main_eval(argv: Sequence[str] | None = None) -> int:
     """``python -m fac_mini m0 eval``: knowledge metrics of an M0 checkpoint (default data/m0)."""
-    parser = argparse.ArgumentParser(prog="python -m fac_mini m0 eval", description=main_eval.__doc__)
-    parser.add_argument("--path", type=Path, default=M0_DIR)
+    parser = RecipeParser(prog="python -m fac_mini m0 eval", description=main_eval.__doc__)
+    add_eval_flags(parser, M0_DIR)
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--show-errors", type=int, default=5, help="print up to N wrong answers")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     model, tokenizer = load_m0(args.path)
-    result = evaluate_knowledge(model, tokenizer, args.split, limit=args.limit, return_answers=True)
+    with torch_threads(args.threads):
+        result = evaluate_knowledge(model, tokenizer, args.split, limit=args.limit, return_answers=True)
     answers = result.pop("answers")
     if args.json:
         print(json.dumps(result))
@@ -552,4 +471,3 @@ def main_eval(argv: list[str] | None = None) -> int:
     for question, expected, got in wrong:
         print(f"  Q: {question}\n     expected: {expected}\n     got:      {got}")
     return 0
-

@@ -55,7 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CACHE_DIR, DATA_DIR, atomic_write, file_sha256, set_seed, warmup_cosine_lr
+from . import CACHE_DIR, DATA_DIR, set_seed
+from .train.loop import warmup_cosine_lr
+from .train.store import atomic_write, file_sha256
 from .audio import SAMPLE_RATE, log_mel
 from .encoder import AudioEncoder, AudioEncoderConfig
 

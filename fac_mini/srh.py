@@ -31,7 +31,7 @@ from .llm import IGNORE_INDEX, KVCache, LLMConfig, Qwen3Model, init_weights, sam
 
 __all__ = [
     "GROUP_SIZE", "CODEBOOK_SIZE", "SPEECH_BOS_ID", "SPEECH_EOS_ID", "SPEECH_PAD_ID",
-    "SpeechHeadOutput", "SpeechStepOutput", "SRHState", "teacher_forcing_ids", "speech_loss", "SpeechRefinedHead",
+    "SpeechHeadOutput", "SpeechStepOutput", "SRHState", "teacher_forcing_ids", "srh_position_ids", "speech_loss", "SpeechRefinedHead",
     "ParallelSpeechHead",
 ]
 
@@ -103,6 +103,18 @@ def teacher_forcing_ids(speech_labels: torch.Tensor, group_size: int = GROUP_SIZ
     return previous, targets
 
 
+def srh_position_ids(position_ids: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """LLM positions (B, L) -> SRH positions (B, k·L): k·p + s, and 0 after the last non-zero position of each
+    row (the released rule for right padding, read from the position ids, not the attention mask)."""
+    batch, length = position_ids.shape
+    steps = torch.arange(group_size, device=position_ids.device, dtype=position_ids.dtype)
+    positions = (group_size * position_ids[:, :, None] + steps).flatten(1)                  # (B, k·L)
+    nonzero = position_ids != 0
+    last_nonzero_end = torch.where(nonzero.any(dim=1), length - nonzero.flip(1).long().argmax(dim=1), 0)  # (B,)
+    padding = torch.arange(length, device=position_ids.device)[None] >= last_nonzero_end[:, None]
+    return positions.masked_fill(group_mask_to_frame_mask(padding, group_size), 0)
+
+
 def speech_loss(logits: torch.Tensor, speech_labels: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
     """Cross-entropy with the released shift: logits at 25 Hz position j against label j + k; -100 is skipped.
 
@@ -160,8 +172,9 @@ class SpeechRefinedHead(nn.Module):
 
     # -- pieces shared by teacher forcing and generation ------------------------------------------------
     def embed_speech(self, ids: torch.Tensor) -> torch.Tensor:
-        """Speech ids (...) -> embeddings (..., H): rows of the (tied) lm_head weight."""
-        return F.embedding(ids, self.lm_head.weight)
+        """Speech ids (...) -> embeddings (..., H): rows of the (tied) lm_head weight. The pad row gets no gradient
+        from these inputs, as through the released ``audio_tower.embed_tokens`` (``padding_idx`` = pad)."""
+        return F.embedding(ids, self.lm_head.weight, padding_idx=self.pad_id)
 
     def ungrouped_inputs(self, lm_hidden: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, H) -> U (B, k·L, H): pre_matching of h + stopgrad(e), slice s of p at 25 Hz position k·p + s."""
@@ -176,19 +189,20 @@ class SpeechRefinedHead(nn.Module):
         return self.lm_head(self.output_matching(hidden))                                # (B, T, C)
 
     # -- training ----------------------------------------------------------------------------------------
-    def forward(self, lm_hidden: torch.Tensor, speech_labels: torch.Tensor, *,
+    def forward(self, lm_hidden: torch.Tensor, speech_labels: torch.Tensor | None = None, *,
                 text_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> SpeechHeadOutput:
-        """Teacher-forced pass with the released shift semantics.
+        """The teacher-forced pass with the released semantics (the one path, also behind ``FunAudioChat``).
 
         lm_hidden, text_embeds: (B, L, H). speech_labels: (B, k·L) or (B, L, k), the k speech ids attached to
-        each LLM position, -100 where there is no speech (embedded as the pad id, skipped by the loss).
+        each LLM position, -100 where there is no speech (embedded as the pad id, skipped by the loss); without
+        labels no previous-token embeddings are added and no loss is computed (as released at inference).
         attention_mask: (B, L) LLM mask, repeated k times. position_ids: (B, L) LLM positions p, mapped to
-        k·p + s (0 at masked positions); default 0 .. k·L − 1.
+        k·p + s and to 0 after each row's last non-zero position (:func:`srh_position_ids`, the released rule);
+        default 0 .. k·L − 1.
         """
         inputs = self.ungrouped_inputs(lm_hidden, text_embeds)                              # (B, k·L, H)
         batch, length = lm_hidden.shape[:2]
-        labels = _flat_speech_labels(speech_labels, batch, length, self.group_size)        # (B, k·L)
         frame_mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (batch, length):
@@ -198,14 +212,15 @@ class SpeechRefinedHead(nn.Module):
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
                 raise ValueError(f"position_ids must be (B, L) with L = {length}, got {tuple(position_ids.shape)}")
-            steps = torch.arange(self.group_size, device=position_ids.device)
-            position_ids = (self.group_size * position_ids[:, :, None] + steps).flatten(1)  # (B, k·L)
-            if frame_mask is not None:
-                position_ids = position_ids.masked_fill(frame_mask == 0, 0)
-        previous, _ = teacher_forcing_ids(labels, self.group_size, self.pad_id)           # j reads label j + k − 1
-        logits = self.refine(inputs + self.embed_speech(previous), attention_mask=frame_mask,
-                             position_ids=position_ids)
-        return SpeechHeadOutput(logits=logits, loss=speech_loss(logits, labels, self.group_size))
+            position_ids = srh_position_ids(position_ids, self.group_size)                # (B, k·L)
+        labels = None
+        if speech_labels is not None:
+            labels = _flat_speech_labels(speech_labels, batch, length, self.group_size)    # (B, k·L)
+            previous, _ = teacher_forcing_ids(labels, self.group_size, self.pad_id)       # j reads label j + k − 1
+            inputs = inputs + self.embed_speech(previous)
+        logits = self.refine(inputs, attention_mask=frame_mask, position_ids=position_ids)
+        return SpeechHeadOutput(logits=logits,
+                                loss=None if labels is None else speech_loss(logits, labels, self.group_size))
 
     # -- generation --------------------------------------------------------------------------------------
     def new_state(self) -> SRHState:

@@ -23,13 +23,11 @@ phrasings, sentence patterns that no training reply has).
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import hashlib
 import json
 import math
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,23 +35,32 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import CACHE_DIR, DATA_DIR, atomic_write, file_sha256, set_seed, warmup_cosine_lr
+from . import CACHE_DIR, DATA_DIR
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3Model
 from .model import (DiscreteAudioConfig, DiscreteAudioEncoder, FunAudioChatConfig, build_assistant_labels,
                     fuse_text_and_speech)
 from .srh import ParallelSpeechHead, SpeechHeadOutput, SpeechRefinedHead, teacher_forcing_ids
+from .train.cli import (RecipeParser, add_eval_flags, add_train_flags, output_folder, positive_float, positive_int,
+                        run_command, write_manifest)
+from .train.loop import TrainConfig, TrainResult, adamw, torch_threads, train
+from .train.seal import refresh_seal
+from .train.store import (atomic_directory, atomic_write, atomic_write_json, check_state_dict, file_sha256, read_json,
+                          read_safetensors, save_safetensors)
 
 __all__ = [
     "HEADS", "STUDY_DIR", "TRAIN_COMMAND", "StudyConfig", "SpeechStreamLM", "StreamBatch", "corpus_speech_tokens",
-    "stream_examples", "collate_streams", "generate_reply_speech", "head_metrics", "summarize_metrics", "evaluate_head", "train_head", "save_head", "load_head",
+    "stream_examples", "collate_streams", "generate_reply_speech", "head_metrics", "summarize_metrics", "evaluate_head", "HEAD_TRAIN",
+    "QueueSampler", "HeadRecipe", "train_head", "save_head", "load_head",
     "read_manifest", "main_train", "main_eval",
 ]
 
 HEADS = ("srh", "parallel")
 STUDY_DIR = DATA_DIR / "srh_study"                 # shipped checkpoints + manifest
 TOKENS_DIR = CACHE_DIR / "srh_study"               # speech ids of the corpus, cached per tokenizer (not in git)
-WORK_DIR = CACHE_DIR / "srh_study_run"             # resumable training states (not in git)
 TRAIN_COMMAND = "python -m fac_mini srh train"
+# The shipped run: 1500 steps of 32 replies per head, dev perplexity measured every 100 steps.
+HEAD_TRAIN = TrainConfig(steps=1500, batch_size=32, lr=3e-3, warmup=100, min_lr_ratio=0.1, weight_decay=0.01, seed=0,
+                         log_every=25, eval_every=100, checkpoint_every=100)
 
 
 def _backbone_config() -> LLMConfig:
@@ -370,210 +377,192 @@ def evaluate_head(model: SpeechStreamLM, examples: Sequence[StreamBatch], batch_
 # ----------------------------------------------------------------------------------------------------------
 # Training, saving, loading
 # ----------------------------------------------------------------------------------------------------------
-def _run_key(config: StudyConfig, hyper: dict[str, Any], examples: Sequence[StreamBatch],
-             eval_examples: Sequence[StreamBatch] | None) -> str:
-    """A digest of everything that determines a training run (config, hyper-parameters, both data sets)."""
-    digest = hashlib.sha256(json.dumps([config.to_dict(), hyper], sort_keys=True).encode())
-    for example in list(examples) + list(eval_examples or []):
-        for tensor in (example.input_ids, example.text_ids, example.speech_groups, example.speech_labels):
-            digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:12]
+class QueueSampler:
+    """Batches drawn from a queue of shuffled example indices, refilled with a fresh permutation (from the sampler's
+    own generator) whenever fewer than ``batch_size`` are left, so epochs run into one another."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next_batch(self) -> list[int]:
+        if len(self.order) < self.batch_size:
+            self.order += torch.randperm(self.size, generator=self.generator).tolist()
+        chosen, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return chosen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"]
 
 
-def train_head(head: str, examples: Sequence[StreamBatch], steps: int = 1500, *, batch_size: int = 32,
-               lr: float = 3e-3, weight_decay: float = 0.01, warmup: int = 100, seed: int = 0,
-               log_every: int = 25, config: StudyConfig | None = None, progress: bool = True,
-               threads: int | None = 1, eval_examples: Sequence[StreamBatch] | None = None,
-               eval_every: int = 100, work_dir=None, checkpoint_every: int = 100, resume: bool = True,
-               stop_after: int | None = None) -> tuple[SpeechStreamLM, list[dict[str, float]]]:
-    """Train a ``SpeechStreamLM`` with the given head from scratch on ``examples``; return (model, log).
+class HeadRecipe:
+    """One head of the study (``"srh"`` or ``"parallel"``) on the shared backbone, trained from scratch on
+    ``examples``; both heads get the same seed, and so the same batches in the same order."""
 
-    AdamW, gradient clipping at 1, warm-up + cosine schedule; the initial weights come from ``set_seed(seed)`` and
-    the batch order from a ``torch.Generator(seed)``, so both heads see the same batches in the same order and a
-    rerun with the same thread count gives the same weights. ``log`` rows: step, mean loss over the last
-    ``log_every`` steps (nats per speech token), learning rate. ``threads``: torch threads while training
-    (restored after; one is fastest for a model this small on a shared 2-core machine).
+    def __init__(self, head: str, examples: Sequence[StreamBatch], config: StudyConfig | None = None,
+                 eval_examples: Sequence[StreamBatch] | None = None):
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}; use one of {HEADS}")
+        if not examples:
+            raise ValueError("the study needs at least one training example")
+        self.name, self.examples, self.eval_examples = head, list(examples), eval_examples
+        self.config = dataclasses.replace(config or StudyConfig(), head=head)
 
-    With ``eval_examples`` (held-out utterances, e.g. the dev split) the model is measured every ``eval_every``
-    steps (rows with ``eval_loss`` and ``eval_perplexity``) and the weights with the lowest held-out perplexity
-    are returned (checkpoint selection: every step is run, and a model this size starts to memorise the 1325
-    training utterances long before the last one).
+    def build_model(self) -> SpeechStreamLM:
+        return SpeechStreamLM(self.config)
 
-    With ``work_dir`` the whole training state (weights, optimizer, batch generator and queue, log, best weights,
-    step) is written atomically to ``work_dir/<head>-<run key>.pt`` every ``checkpoint_every`` steps; the run key
-    hashes the config, hyper-parameters and data, and with ``resume`` a later call of the same run continues from
-    it to bit-identical weights. ``stop_after`` ends the call after that many steps in all, as if interrupted
-    (the model is returned as it is then, without the early-stopping choice).
+    def build_optimizer(self, model, train_config: TrainConfig):
+        return adamw(model, train_config)
+
+    def build_sampler(self, train_config: TrainConfig) -> QueueSampler:
+        return QueueSampler(len(self.examples), train_config.batch_size, train_config.seed)
+
+    def loss(self, model: SpeechStreamLM, batch: list[int]) -> torch.Tensor:
+        streams = collate_streams([self.examples[i] for i in batch], speech_pad_id=self.config.discrete.pad_token_id)
+        return model(streams).loss
+
+    def evaluate(self, model: SpeechStreamLM) -> dict[str, float]:
+        measured = evaluate_head(model, self.eval_examples)
+        return {"eval_loss": measured["loss"], "eval_perplexity": measured["perplexity"],
+                "eval_accuracy": measured["accuracy"]}
+
+    def fingerprint(self) -> bytes:
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for example in self.examples + list(self.eval_examples or []):
+            for tensor in (example.input_ids, example.text_ids, example.speech_groups, example.speech_labels):
+                digest.update(tensor.numpy().tobytes())
+        return digest.digest()
+
+
+def train_head(head: str, examples: Sequence[StreamBatch], train_config: TrainConfig = HEAD_TRAIN, *,
+               config: StudyConfig | None = None, eval_examples: Sequence[StreamBatch] | None = None,
+               state_dir=None, resume: bool = True, stop_after: int | None = None, threads: int | None = 1,
+               progress: bool = True) -> TrainResult:
+    """Train a ``SpeechStreamLM`` with the given head from scratch on ``examples`` with the course's loop.
+
+    With ``eval_examples`` (held-out utterances, e.g. the dev split) the model is measured every
+    ``train_config.eval_every`` steps and the weights with the lowest held-out perplexity are returned
+    (``result.best_step``): every step is run, and a model this size starts to memorise the 1325 training
+    utterances long before the last one. With ``state_dir`` the run is resumable to bit-identical weights.
     """
-    from tqdm.auto import tqdm
-
-    if steps <= 0 or batch_size <= 0 or log_every <= 0 or eval_every <= 0 or checkpoint_every <= 0 or not lr > 0:
-        raise ValueError(f"need steps, batch_size, log_every, eval_every, checkpoint_every and lr > 0; got {steps}, "
-                         f"{batch_size}, {log_every}, {eval_every}, {checkpoint_every}, {lr}")
-    if not examples:
-        raise ValueError("train_head needs at least one example")
-    config = dataclasses.replace(config or StudyConfig(), head=head)
-    hyper = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-             "seed": seed, "log_every": log_every, "eval_every": eval_every,
-             "threads": torch.get_num_threads() if threads is None else threads}   # bitwise equality needs it
-    state_path = None if work_dir is None else Path(work_dir) / (
-        f"{head}-{_run_key(config, hyper, examples, eval_examples)}.pt")
-    last = steps if stop_after is None else min(steps, stop_after)
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        set_seed(seed)
-        model = SpeechStreamLM(config).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed)
-        start, order, log, window, best = 0, [], [], [], None
-        if resume and state_path is not None and state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            start, order, log, window, best = (state["step"], state["order"], state["log"], state["window"],
-                                               state["best"])
-        for step in tqdm(range(start, last), desc=f"train {head}", initial=start, total=steps,
-                         disable=not progress):
-            if len(order) < batch_size:
-                order += torch.randperm(len(examples), generator=generator).tolist()
-            chosen, order = order[:batch_size], order[batch_size:]
-            batch = collate_streams([examples[i] for i in chosen], speech_pad_id=config.discrete.pad_token_id)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
-            loss = model(batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            window.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                log.append({"step": step + 1, "loss": round(sum(window) / len(window), 4),
-                            "lr": round(optimizer.param_groups[0]["lr"], 6)})
-                window = []
-            if eval_examples is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
-                measured = evaluate_head(model, eval_examples)
-                log.append({"step": step + 1, "eval_loss": measured["loss"],
-                            "eval_perplexity": measured["perplexity"], "eval_accuracy": measured["accuracy"]})
-                if best is None or measured["perplexity"] < best[0]:
-                    best = (measured["perplexity"], step + 1, copy.deepcopy(model.state_dict()))
-                model.train()
-            if state_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == last):
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "generator": generator.get_state(), "step": step + 1, "order": order, "log": log,
-                         "window": window, "best": best}
-                atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-    finally:
-        torch.set_num_threads(previous_threads)
-    if last < steps:
-        return model.eval(), log
-    if best is not None:
-        model.load_state_dict(best[2])
-        log = log + [{"best_step": best[1], "eval_perplexity": best[0]}]
-    return model.eval(), log
+    recipe = HeadRecipe(head, examples, config, eval_examples)
+    return train(recipe, train_config, state_dir=state_dir, resume=resume, stop_after=stop_after, threads=threads,
+                 progress=progress, evaluate=recipe.evaluate if eval_examples is not None else None,
+                 select="eval_perplexity" if eval_examples is not None else None)
 
 
 def save_head(model: SpeechStreamLM, directory) -> dict[str, str]:
-    """Write ``model.safetensors`` and ``config.json`` to ``directory``; return their sha256 by file name."""
-    from safetensors.torch import save_file
-
+    """Write ``model.safetensors`` and ``config.json`` to ``directory``, each atomically; return their sha256 by
+    file name. The SRH's lm_head is tied to the speech table and stored once."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()
-               if name != "speech_head.lm_head.weight" or model.config.head != "srh"}            # tied: stored once
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
-    atomic_write(directory / "config.json",
-                 lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=1) + "\n"))
+    weights = {name: t for name, t in model.state_dict().items()
+               if name != "speech_head.lm_head.weight" or model.config.head != "srh"}
+    save_safetensors(weights, directory / "model.safetensors")
+    atomic_write_json(directory / "config.json", model.config.to_dict())
     return {name: file_sha256(directory / name) for name in ("model.safetensors", "config.json")}
 
 
 def load_head(head: str, directory=STUDY_DIR) -> SpeechStreamLM:
-    """A checkpoint written by :func:`save_head` (default: the shipped ``data/srh_study/<head>``), in eval mode."""
-    from safetensors.torch import load_file
-
+    """A checkpoint written by :func:`save_head` (default: the shipped ``data/srh_study/<head>``), in eval mode.
+    A missing or corrupt file, a wrong key or shape raises an error naming the file."""
     if head not in HEADS:
         raise ValueError(f"head={head!r}; use one of {HEADS}")
     folder = Path(directory) / head
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found; run `{TRAIN_COMMAND}`")
-    model = SpeechStreamLM(StudyConfig.from_dict(json.loads((folder / "config.json").read_text())))
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    if model.config.head == "srh":                     # tied to audio_tower.embed_tokens, stored once
-        missing = [name for name in missing if name != "speech_head.lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    hint = f"rebuild it with `{TRAIN_COMMAND} --out data/srh_study` or `git checkout -- data/srh_study`"
+    config_data = read_json(folder / "config.json", "SRH study config", hint)
+    try:
+        config = StudyConfig.from_dict(config_data)
+    except (TypeError, KeyError, ValueError) as error:
+        raise ValueError(f"{folder / 'config.json'}: {error}") from None
+    if config.head != head:
+        raise ValueError(f"{folder / 'config.json'} is a {config.head!r} head, expected {head!r}")
+    model = SpeechStreamLM(config)
+    weights = read_safetensors(folder / "model.safetensors", hint)
+    tied = ("speech_head.lm_head.weight",) if config.head == "srh" else ()      # stored once, as the speech table
+    check_state_dict(weights, model.state_dict(), folder / "model.safetensors", ignore_missing=tied)
+    model.load_state_dict(weights, strict=False)
     return model.eval()
 
 
 def read_manifest(directory=STUDY_DIR) -> dict[str, Any]:
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `{TRAIN_COMMAND}`")
-    return json.loads(path.read_text())
+    """The study's manifest: training curves, dev and test metrics, sha256 of the checkpoints."""
+    return read_json(Path(directory) / "manifest.json", "SRH study manifest",
+                     f"rebuild it with `{TRAIN_COMMAND} --out data/srh_study`")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------------
 def main_train(argv: Sequence[str] | None = None) -> int:
-    """``python -m fac_mini srh train``: train both heads (checkpoint chosen on dev), write data/srh_study/ with the
-    training curves and the dev and test metrics."""
-    parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between dev measurements (the "
-                        "checkpoint with the lowest dev perplexity is kept)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (reproduction needs the same count)")
-    parser.add_argument("--out", type=Path, default=STUDY_DIR)
-    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="resumable training states")
-    parser.add_argument("--restart", action="store_true", help="ignore saved training states and start over")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    command = (f"{TRAIN_COMMAND} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-               f"--seed {args.seed} --eval-every {args.eval_every} --threads {args.threads}")
+    """Train both heads (checkpoint chosen on dev) and write the study folder with the training curves and the
+    dev and test metrics (shipped: ``--out data/srh_study``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    t = HEAD_TRAIN
+    parser = RecipeParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
+    add_train_flags(parser, "srh_study", steps=t.steps)
+    parser.add_argument("--batch-size", type=positive_int, default=t.batch_size)
+    parser.add_argument("--lr", type=positive_float, default=t.lr, help="peak learning rate")
+    parser.add_argument("--seed", type=int, default=t.seed)
+    parser.add_argument("--eval-every", type=positive_int, default=t.eval_every,
+                        help="steps between dev measurements (the checkpoint with the lowest dev perplexity is kept)")
+    args = parser.parse_args(argv)
+    shipped = {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed, "threads": 1,
+               "eval_every": t.eval_every}
+    out = output_folder(parser, args, "srh_study", STUDY_DIR, shipped)
+    train_config = dataclasses.replace(t, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                       eval_every=args.eval_every)
     config = StudyConfig()
-    train, dev, test = (stream_examples(corpus_speech_tokens(split, progress=True), config)
-                        for split in ("train", "dev", "test"))
-    manifest: dict[str, Any] = {"command": command, "seed": args.seed, "steps": args.steps,
-                                "batch_size": args.batch_size, "lr": args.lr, "torch": torch.__version__,
-                                "threads": args.threads, "eval_every": args.eval_every,
-                                "utterances": {"train": len(train), "dev": len(dev), "test": len(test)},
+    train_set, dev, test = (stream_examples(corpus_speech_tokens(split, progress=True), config)
+                            for split in ("train", "dev", "test"))
+    manifest: dict[str, Any] = {"train": train_config.to_dict(), "threads": args.threads,
+                                "seed": train_config.seed, "steps": train_config.steps,
+                                "batch_size": train_config.batch_size, "lr": train_config.lr,
+                                "utterances": {"train": len(train_set), "dev": len(dev), "test": len(test)},
                                 "speech_tokenizer_sha256": file_sha256(
                                     DATA_DIR / "speech_tokenizer" / "model.safetensors"), "heads": {}}
-    for head in HEADS:
-        started = time.perf_counter()
-        model, log = train_head(head, train, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                config=config, threads=args.threads, eval_examples=dev, eval_every=args.eval_every,
-                                work_dir=args.work_dir, resume=not args.restart)
-        seconds = round(time.perf_counter() - started, 1)
-        files = save_head(model, args.out / head)
-        model = load_head(head, args.out)                  # measure exactly what was shipped
-        manifest["heads"][head] = {"train_seconds": seconds, "best_step": log[-1]["best_step"],
-                                   "parameters": model.parameter_counts(), "files_sha256": files, "log": log,
-                                   "dev": evaluate_head(model, dev), "test": evaluate_head(model, test)}
-        summary = {split: {k: manifest["heads"][head][split][k] for k in ("accuracy", "perplexity")}
-                   for split in ("dev", "test")}
-        print(json.dumps({head: {"train_seconds": seconds, "best_step": log[-1]["best_step"]} | summary}))
-    atomic_write(args.out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
+    results = {head: train_head(head, train_set, train_config, config=config, eval_examples=dev,
+                                state_dir=args.state_dir, resume=not args.restart, threads=args.threads)
+               for head in HEADS}
+    with atomic_directory(out) as folder:
+        files = []
+        for head, result in results.items():
+            save_head(result.model, folder / head)
+            files += [f"{head}/model.safetensors", f"{head}/config.json"]
+            model = load_head(head, folder)                  # measure exactly what is written
+            with torch_threads(args.threads):
+                measured = {"dev": evaluate_head(model, dev), "test": evaluate_head(model, test)}
+            manifest["heads"][head] = {"train_seconds": result.train_seconds, "best_step": result.best_step,
+                                       "run_key": result.run_key, "parameters": model.parameter_counts(),
+                                       "log": result.log, **measured}
+            summary = {split: {k: measured[split][k] for k in ("accuracy", "perplexity")} for split in measured}
+            print(json.dumps({head: {"train_seconds": result.train_seconds, "best_step": result.best_step} | summary}))
+        write_manifest(folder, "srh_study", run_command(TRAIN_COMMAND, argv), files, **manifest)
+    refresh_seal(out)
+    print(f"wrote {out}")
     return 0
 
 
 def main_eval(argv: Sequence[str] | None = None) -> int:
-    """``python -m fac_mini srh eval [--split test]``: teacher-forced metrics of the shipped heads, as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m fac_mini srh eval", description=main_eval.__doc__)
+    """Teacher-forced metrics of both heads of a study folder (default the shipped one)."""
+    parser = RecipeParser(prog="python -m fac_mini srh eval", description=main_eval.__doc__)
+    add_eval_flags(parser, STUDY_DIR)
     parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
-    parser.add_argument("--dir", type=Path, default=STUDY_DIR)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    examples = None
-    results = {}
-    for head in HEADS:
-        model = load_head(head, args.dir)
-        if examples is None:
-            examples = stream_examples(corpus_speech_tokens(args.split), model.config)
-        results[head] = evaluate_head(model, examples) | {"parameters": model.parameter_counts()}
-    print(json.dumps(results, indent=1))
+    args = parser.parse_args(argv)
+    models = {head: load_head(head, args.path) for head in HEADS}
+    examples = stream_examples(corpus_speech_tokens(args.split, progress=not args.json),
+                               models["srh"].config)[:args.limit]
+    with torch_threads(args.threads):
+        results = {head: evaluate_head(model, examples) | {"parameters": model.parameter_counts()}
+                   for head, model in models.items()}
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"SRH study {args.path} on {len(examples)} {args.split} replies (teacher-forced, speech codes only)")
+    for head, result in results.items():
+        print(f"  {head:<9} accuracy {result['accuracy']:.3f}  perplexity {result['perplexity']:.1f}")
     return 0

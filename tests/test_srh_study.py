@@ -14,6 +14,7 @@ from fac_mini.srh_study import (HEADS, SpeechStreamLM, StudyConfig, collate_stre
                                 evaluate_head, generate_reply_speech, head_metrics, load_head, main_eval, read_manifest, save_head,
                                 stream_examples, summarize_metrics, train_head)
 from fac_mini.tokenizer import load_tokenizer
+from fac_mini.train.loop import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = StudyConfig()
@@ -112,14 +113,16 @@ def test_head_metrics_on_known_logits():
 
 def test_training_is_reproducible_and_learns():
     examples = stream_examples(_rows(), CONFIG)
-    first, log = train_head("srh", examples, 40, batch_size=3, warmup=5, log_every=10, progress=False)
-    again, _ = train_head("srh", examples, 40, batch_size=3, warmup=5, log_every=10, progress=False)
-    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+    config = TrainConfig(steps=40, batch_size=3, lr=3e-3, warmup=5, log_every=10)
+    first = train_head("srh", examples, config, progress=False)
+    again = train_head("srh", examples, config, progress=False)
+    log = first.log
+    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [row["step"] for row in log] == [10, 20, 30, 40]
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
-    with pytest.raises(ValueError, match="steps"):
-        train_head("parallel", examples, 0)
+    with pytest.raises(ValueError, match="head="):
+        train_head("naive", examples, config)
 
 
 def test_batched_tokens_equal_tokenize_per_clip():
@@ -146,14 +149,14 @@ def test_shipped_run_reproduces_its_metrics_and_the_srh_wins(capsys):
 
 def test_interrupted_training_resumes_to_identical_weights(tmp_path):
     examples = stream_examples(_rows(), CONFIG)
-    options = dict(batch_size=2, warmup=3, log_every=5, eval_every=5, checkpoint_every=5, progress=False,
-                   eval_examples=examples[:1])
-    whole, whole_log = train_head("srh", examples, 20, **options)
-    train_head("srh", examples, 20, work_dir=tmp_path, stop_after=12, **options)     # "interrupted" at 12
+    config = TrainConfig(steps=20, batch_size=2, lr=3e-3, warmup=3, log_every=5, eval_every=5, checkpoint_every=5)
+    options = dict(progress=False, eval_examples=examples[:1])
+    whole = train_head("srh", examples, config, **options)
+    train_head("srh", examples, config, state_dir=tmp_path, stop_after=12, **options)     # "interrupted" at 12
     assert len(list(tmp_path.glob("srh-*.pt"))) == 1
-    resumed, resumed_log = train_head("srh", examples, 20, work_dir=tmp_path, **options)
-    assert resumed_log == whole_log and whole_log[-1]["best_step"] in (5, 10, 15, 20)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+    resumed = train_head("srh", examples, config, state_dir=tmp_path, **options)
+    assert resumed.log == whole.log and whole.best_step in (5, 10, 15, 20)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
@@ -176,7 +179,8 @@ def test_parallel_greedy_generation_equals_teacher_forced_argmax():
     """Fed back its own groups, the parallel head's teacher-forced argmax is what it generated (it reads no
     previous id); checked on a model trained a little, so that it emits speech codes rather than eos."""
     examples = stream_examples(_rows(), CONFIG)
-    model, _ = train_head("parallel", examples, 30, batch_size=3, warmup=5, log_every=10, progress=False)
+    model = train_head("parallel", examples, TrainConfig(steps=30, batch_size=3, lr=3e-3, warmup=5, log_every=10),
+                       progress=False).model
     example = examples[2]
     generated = generate_reply_speech(model, example)
     assert len(generated) >= 10, "too short to test"
@@ -194,13 +198,14 @@ def test_train_command_writes_a_loadable_study(tmp_path, capsys):
 
     out = tmp_path / "study"
     assert main_train(["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--out", str(out),
-                       "--work-dir", str(tmp_path / "work")]) == 0
+                       "--state-dir", str(tmp_path / "work")]) == 0
     manifest = read_manifest(out)
     assert manifest["command"].startswith("python -m fac_mini srh train --steps 4")
     assert manifest["utterances"] == {"train": 1325, "dev": 42, "test": 392}
     for head in HEADS:
         entry = manifest["heads"][head]
-        assert entry["best_step"] in (2, 4) and set(entry) >= {"dev", "test", "log", "parameters", "files_sha256"}
+        assert entry["best_step"] in (2, 4) and set(entry) >= {"dev", "test", "log", "parameters"}
+        assert set(manifest["files_sha256"]) >= {f"{head}/model.safetensors", f"{head}/config.json"}
         assert entry["test"] == evaluate_head(load_head(head, out), stream_examples(corpus_speech_tokens("test")))
     for head in HEADS:                                                  # one resumable state per head
         assert len(list((tmp_path / "work").glob(f"{head}-*.pt"))) == 1
