@@ -3,39 +3,60 @@
 Everything that enters the course's models goes through here, so bad input fails *here*, with a message
 that says what was wrong and what to do. Conventions: waveforms are mono ``float32`` in [-1, 1] at
 16 kHz; a log-mel spectrogram is a tensor of shape ``(n_mels, frames)`` at 100 frames per second.
+
+What is accepted, and how it is converted (``as_mono_float``):
+
+- numpy arrays, torch tensors (any device; ``bfloat16``/``float16`` are converted to ``float32``, exactly),
+  and lists of numbers (one clip, read with ``np.asarray``);
+- float samples whose peak is at most ``MAX_FLOAT_PEAK`` (2.0): a little above 1 is what resampling or mixing
+  full-scale audio gives; a larger peak means the samples are not in [-1, 1] (16-bit PCM values stored as
+  floats shift the whole log-mel by log10(32768²) / 4 = +2.26) and is rejected with the fix, "divide by 32768";
+- integer PCM (int16, int32, uint8), scaled to [-1, 1].
+
+Rejected with ``ValueError``: empty, NaN or infinite samples, a single number, other ranks or dtypes, and, where
+speech is expected (``log_mel``, ``log_mel_batch``, ``load_audio``, the processor), audio that is silent
+everywhere (all samples zero): there is nothing to encode.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .constants import SAMPLE_RATE
+
 __all__ = [
-    "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "N_MELS", "MIN_SAMPLES",
-    "as_mono_float", "resample", "load_audio", "mel_filterbank", "log_mel", "log_mel_batch",
+    "N_FFT", "HOP_LENGTH", "N_MELS", "MIN_SAMPLES", "MAX_FLOAT_PEAK",
+    "as_mono_float", "check_not_silent", "resample", "load_audio", "mel_filterbank", "log_mel", "log_mel_batch",
 ]
 
-SAMPLE_RATE = 16000   # Hz, the rate every model in the course expects
 N_FFT = 400           # 25 ms analysis window
 HOP_LENGTH = 160      # 10 ms hop -> 100 mel frames per second
 N_MELS = 128          # Whisper-large-v3 uses 128 mel bins
 MIN_SAMPLES = SAMPLE_RATE // 25  # one 25 Hz speech-token frame (40 ms): anything shorter carries no token
+MAX_FLOAT_PEAK = 2.0  # float audio louder than this is not in [-1, 1] (e.g. int16 PCM values stored as floats)
 
 
 def as_mono_float(wave, *, name: str = "wave", allow_silent: bool = True) -> np.ndarray:
     """Validate ``wave`` and return it as a new mono ``float32`` numpy array (the caller's data is never changed).
 
-    Accepts numpy arrays or torch tensors: 1-D ``(samples,)`` is mono; 2-D is multichannel, either
-    ``(channels, samples)`` or ``(samples, channels)`` (the shorter axis is taken as channels) and is averaged
-    to mono. Integer PCM is scaled to [-1, 1] (int16 by 32768, int32 by 2**31, uint8 centred on 128).
+    Accepts numpy arrays, torch tensors (``bfloat16``/``float16`` are converted to ``float32``) or a list of
+    numbers: 1-D ``(samples,)`` is mono; 2-D is multichannel, either ``(channels, samples)`` or
+    ``(samples, channels)`` (the shorter axis is taken as channels) and is averaged to mono. Integer PCM is
+    scaled to [-1, 1] (int16 by 32768, int32 by 2**31, uint8 centred on 128).
 
-    Raises ``ValueError`` for: other ranks, empty audio, non-numeric dtypes, NaN or infinite samples, and (when
-    ``allow_silent=False``) audio that is silent everywhere.
+    Raises ``ValueError`` for: a single number, other ranks, empty audio, non-numeric dtypes, NaN or infinite
+    samples, float samples with a peak above ``MAX_FLOAT_PEAK`` (not in [-1, 1]: int16 PCM stored as floats
+    must be divided by 32768), and (when ``allow_silent=False``) audio that is silent everywhere.
     """
     if isinstance(wave, torch.Tensor):
-        array = wave.detach().cpu().numpy()
+        tensor = wave.detach()
+        if tensor.dtype in (torch.bfloat16, torch.float16):     # numpy has no bfloat16; float32 holds both exactly
+            tensor = tensor.float()
+        array = tensor.cpu().numpy()
     else:
         array = np.asarray(wave)
     if array.dtype == np.int16:
@@ -48,6 +69,8 @@ def as_mono_float(wave, *, name: str = "wave", allow_silent: bool = True) -> np.
         array = array.astype(np.float32, copy=True)
     else:
         raise ValueError(f"{name} has dtype {array.dtype}; pass float samples in [-1, 1] or int16/int32 PCM")
+    if array.ndim == 0:
+        raise ValueError(f"{name} is a single number ({float(array)}), not audio; pass a 1-D array of samples")
     if array.ndim not in (1, 2):
         raise ValueError(
             f"{name} must be 1-D (samples,) or 2-D (channels, samples); got shape {tuple(array.shape)}")
@@ -56,17 +79,32 @@ def as_mono_float(wave, *, name: str = "wave", allow_silent: bool = True) -> np.
     if array.ndim == 2:
         channel_axis = 0 if array.shape[0] <= array.shape[1] else 1
         array = array.mean(axis=channel_axis)
-    if not np.isfinite(array).all():
+    peak = float(np.abs(array).max())                   # NaN if any sample is NaN, inf if any is infinite
+    if not math.isfinite(peak):
         bad = int((~np.isfinite(array)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite samples; clean the audio before passing it")
-    if not allow_silent and not np.any(array):
+    if peak > MAX_FLOAT_PEAK:
+        raise ValueError(f"{name} has float samples with peak |x| = {peak:.6g}, but float audio must lie in [-1, 1] "
+                         f"(accepted up to {MAX_FLOAT_PEAK}). If these are 16-bit PCM values stored as floats, "
+                         "divide by 32768 (or pass the int16 array itself); otherwise divide by the peak")
+    if not allow_silent and peak == 0:
         raise ValueError(f"{name} is silent (all {array.size} samples are zero)")
     return array
 
 
+def check_not_silent(wave: np.ndarray, name: str = "wave") -> None:
+    """Raise ``ValueError`` if the mono array ``wave`` is zero everywhere (there is no speech to encode)."""
+    if not np.any(wave):
+        raise ValueError(f"{name} is silent (all {wave.size} samples are zero): there is no speech to encode; "
+                         "pass real audio")
+
+
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Resample a mono float waveform from ``orig_sr`` to ``target_sr`` Hz (soxr 'HQ', librosa's default)."""
-    if orig_sr <= 0 or target_sr <= 0:
+    for rate in (orig_sr, target_sr):
+        if not isinstance(rate, numbers.Real) or isinstance(rate, bool):
+            raise TypeError(f"sampling rates must be numbers of Hz, got orig_sr={orig_sr!r}, target_sr={target_sr!r}")
+    if not (orig_sr > 0 and target_sr > 0 and math.isfinite(orig_sr) and math.isfinite(target_sr)):
         raise ValueError(f"sampling rates must be positive, got orig_sr={orig_sr}, target_sr={target_sr}")
     wave = np.asarray(wave, dtype=np.float32)
     if orig_sr == target_sr:
@@ -80,7 +118,7 @@ def load_audio(path, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file into mono float32 at ``sampling_rate`` Hz.
 
     Raises ``FileNotFoundError`` when the file does not exist, ``ValueError`` naming the file when it cannot be
-    decoded, is empty, holds NaN, or is entirely silent.
+    decoded, is empty, holds NaN, is entirely silent, or (a float file) holds samples far outside [-1, 1].
     """
     import soundfile as sf
 
@@ -150,6 +188,7 @@ def _prepare(wave, sampling_rate: int, name: str) -> np.ndarray:
         raise ValueError(
             f"{name} has {array.size} samples at 16 kHz, shorter than one 25 Hz speech frame "
             f"({MIN_SAMPLES} samples = 40 ms); pass longer audio")
+    check_not_silent(array, name)
     return array
 
 
@@ -169,8 +208,10 @@ def log_mel(wave, sampling_rate: int = SAMPLE_RATE, n_mels: int = N_MELS) -> tor
     """Whisper log-mel spectrogram of one mono clip: ``(n_mels, frames)`` with ``frames = samples // 160``.
 
     Equal to ``WhisperFeatureExtractor(feature_size=128)(wave, sampling_rate=16000, padding="longest")``.
-    ``wave`` may be numpy or torch, float or integer PCM, mono or 2-channel; audio at another rate is
-    resampled to 16 kHz first. Raises ``ValueError`` on empty, NaN, wrong-rank or too-short (< 40 ms) input.
+    ``wave`` may be numpy, torch (bfloat16/float16 included) or a list of numbers, float in [-1, 1] or integer
+    PCM, mono or 2-channel; audio at another rate is resampled to 16 kHz first. Raises ``ValueError`` on empty,
+    NaN, silent (all zero), wrong-rank, too-short (< 40 ms) or out-of-range float input (peak above
+    ``MAX_FLOAT_PEAK``: int16 PCM values stored as floats must be divided by 32768).
     """
     array = _prepare(wave, sampling_rate, "wave")
     return _log_mel_padded(torch.from_numpy(array)[None], n_mels)[0]

@@ -39,12 +39,12 @@ from torch import nn
 from .cost import BackboneShape, linear_flops
 from .grouping import MeanGrouping, pad_to_multiple
 from .llm import IGNORE_INDEX, LLMConfig, Qwen3Model
-from .srh import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_PAD_ID, SpeechRefinedHead
+from .constants import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_PAD_ID, TOKEN_RATE_HZ
+from .srh import SpeechRefinedHead
 
-__all__ = ["MINI_BACKBONE", "MINI_SRH", "RELEASED_BACKBONE", "RELEASED_SRH", "TOKEN_RATE_HZ", "shape_of",
+__all__ = ["MINI_BACKBONE", "MINI_SRH", "RELEASED_BACKBONE", "RELEASED_SRH", "shape_of",
            "training_flops", "Baseline25Hz", "DRSRModel", "bench_drsr", "cost_vs_group_size", "main_bench"]
 
-TOKEN_RATE_HZ = 25           # S3 speech tokens per second
 TRAINING_FLOPS_PER_FORWARD = 3   # backward costs about twice the forward
 
 # Mini sizes (see the module doc). vocab_size is unused: inputs are speech embeddings.
@@ -52,7 +52,7 @@ MINI_BACKBONE = LLMConfig(vocab_size=1, hidden_size=384, intermediate_size=1152,
                           num_attention_heads=6, num_key_value_heads=2, head_dim=64, rope_theta=1e6)
 MINI_SRH = LLMConfig(vocab_size=1, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=1e6)
-# Released sizes (released_model.md sections 1.3, 1.4).
+# Released sizes (docs/released_model.md §1.3, §1.4).
 RELEASED_BACKBONE = LLMConfig(vocab_size=1, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=5e6)
 RELEASED_SRH = LLMConfig(vocab_size=1)                      # the defaults are the released CRQ (Qwen3-0.6B dims)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CACHE_DIR, DATA_DIR
+from .constants import SAMPLE_RATE
 from .train.store import file_sha256
 from .tts import VOICES
 from .world import build_world
@@ -42,7 +43,6 @@ CORPUS_DIR = DATA_DIR / "corpus"
 CACHE_CORPUS_DIR = CACHE_DIR / "corpus"
 SPLITS = ("train", "dev", "test")
 SHIPPED_SPLIT = "test"
-SAMPLING_RATE = 16000
 BUILD_COMMAND = "python -m fac_mini data build"
 NUM_PARALLEL_TEXTS = 20
 
@@ -100,12 +100,12 @@ def _speak_list(job: tuple[str, list[dict], dict[str, str]]) -> list[dict]:
     voice = next(v for v in VOICES if v.speaker_id == speaker_id)
     results = []
     for row in rows:
-        wave = synthesize(row["text"], voice, SAMPLING_RATE)
+        wave = synthesize(row["text"], voice, SAMPLE_RATE)
         pcm = np.clip(np.round(wave * 32767.0), -32768, 32767).astype(np.int16)
         folder = Path(folder_of_split[row["split"]])
         folder.mkdir(parents=True, exist_ok=True)
-        sf.write(str(folder / f"{row['id']}.flac"), pcm, SAMPLING_RATE, subtype="PCM_16", format="FLAC")
-        results.append({**row, "num_samples": int(pcm.size), "duration_s": round(pcm.size / SAMPLING_RATE, 4),
+        sf.write(str(folder / f"{row['id']}.flac"), pcm, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+        results.append({**row, "num_samples": int(pcm.size), "duration_s": round(pcm.size / SAMPLE_RATE, 4),
                         "pcm_sha256": pcm_sha256(pcm)})
     return results
 
@@ -165,7 +165,7 @@ def _manifest(rows: list[dict], out_dir: Path, seed: int, seconds: float) -> dic
     shipped = {f"audio/{row['id']}.flac": file_sha256(out_dir / "audio" / f"{row['id']}.flac")
                for row in rows if row["split"] == SHIPPED_SPLIT and (out_dir / "audio" / f"{row['id']}.flac").exists()}
     return {
-        "command": BUILD_COMMAND, "seed": seed, "sampling_rate": SAMPLING_RATE, "format": "FLAC, 16-bit mono",
+        "command": BUILD_COMMAND, "seed": seed, "sampling_rate": SAMPLE_RATE, "format": "FLAC, 16-bit mono",
         "utterances": len(rows), "duration_s": round(sum(row["duration_s"] for row in rows), 2),
         "speakers": [{"speaker_id": v.speaker_id, "voice": v.name, "rate_wpm": v.rate_wpm, "pitch": v.pitch}
                      for v in VOICES],
@@ -226,5 +226,5 @@ def _decode_batch(batch: dict) -> dict:
 
     if "path" not in batch:  # a column-only access such as dataset["text"]: nothing to decode
         return batch
-    batch["audio"] = [{"array": load_audio(path), "sampling_rate": SAMPLING_RATE} for path in batch["path"]]
+    batch["audio"] = [{"array": load_audio(path), "sampling_rate": SAMPLE_RATE} for path in batch["path"]]
     return batch

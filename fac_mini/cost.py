@@ -76,5 +76,5 @@ def _qwen3_8b_non_embedding() -> int:
     return layers * (attention + mlp + 2 * hidden) + hidden
 
 
-# The released model's backbone (released_model.md section 1.4): 36 layers, width 4096, GQA 32/8 heads of 128.
+# The released model's backbone (docs/released_model.md §1.4): 36 layers, width 4096, GQA 32/8 heads of 128.
 QWEN3_8B = BackboneShape("Qwen3-8B backbone", 36, 4096, 32, 8, 128, _qwen3_8b_non_embedding())

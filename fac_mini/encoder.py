@@ -53,6 +53,12 @@ class AudioEncoderConfig:
     activation_function: str = "gelu"  # exact (erf) GELU, the only activation the released model uses
 
     def __post_init__(self):
+        for name in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                     "n_window", "max_source_positions", "output_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"AudioEncoderConfig.{name} must be a positive int, got {value!r} "
+                                 f"({type(value).__name__})")
         if self.d_model % self.encoder_attention_heads != 0:
             raise ValueError(f"d_model={self.d_model} is not divisible by "
                              f"encoder_attention_heads={self.encoder_attention_heads}")

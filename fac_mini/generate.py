@@ -1,7 +1,7 @@
 """Generation: speech in -> text (S2T) or text + speech tokens (S2M), the released interleaved loop.
 
 One LLM step emits one text token and, while the model speaks, one group of k = 5 speech tokens (200 ms)
-from the Speech Refined Head (released_model.md sections 4.3 and 4.4)::
+from the Speech Refined Head (docs/released_model.md §4.3 and §4.4)::
 
     step 0   prefill: LLM + SRH over the whole prompt; text token (forced <|audio_bos|> if force_text_abos);
              the SRH group sampled here is discarded (not in speech mode yet)
@@ -45,12 +45,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .llm import KVCache, sample_next_token
+from .constants import SPEECH_CODES, TOKEN_RATE_HZ
+from .llm import KVCache, check_context_length, check_generation_settings, sample_next_token
 from .model import FunAudioChat, fuse_text_and_speech, prepare_speech_ids
 
 __all__ = [
     "DEFAULT_SP_GEN_KWARGS", "S2S_SP_GEN_KWARGS", "S2T_SP_GEN_KWARGS", "DEFAULT_S2M_GEN_KWARGS",
-    "SPEECH_TOKEN_CODES", "GenerationTiming", "GenerationOutput", "prompt_embeddings", "generate",
+    "GenerationTiming", "GenerationOutput", "prompt_embeddings", "generate",
     "generate_s2t", "generate_s2m", "speech_ids_for_detokenizer", "save_speech_ids", "load_speech_ids",
 ]
 
@@ -62,7 +63,6 @@ S2T_SP_GEN_KWARGS = {"text_greedy": True, "only_crq_sampling": True, "disable_sp
                      "force_text_abos": False}                              # the speech-to-text example
 DEFAULT_S2M_GEN_KWARGS = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 0,
                           "repetition_penalty": 1.2, "max_new_tokens": 512}
-SPEECH_TOKEN_CODES = 6561      # S3 codes 0..6560; 6561+ are bos/eos/pad, dropped before the detokenizer
 INPUT_KEYS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "feature_exist_mask",
               "speech_ids", "speech_attention_mask")
 
@@ -124,11 +124,11 @@ class GenerationOutput:
         """The generated text ids (B, n) without the prompt."""
         return self.sequences[:, self.prompt_length:]
 
-    def speech_ids_for_detokenizer(self, codebook: int = SPEECH_TOKEN_CODES) -> list[torch.Tensor]:
+    def speech_ids_for_detokenizer(self, codebook: int = SPEECH_CODES) -> list[torch.Tensor]:
         """One 1-D tensor per row with only the S3 codes [0, 6561) (released post-processing)."""
         return speech_ids_for_detokenizer(self.speech_ids, codebook)
 
-    def save_speech_ids(self, path: str | Path, codebook: int | None = SPEECH_TOKEN_CODES) -> Path:
+    def save_speech_ids(self, path: str | Path, codebook: int | None = SPEECH_CODES) -> Path:
         """Save the speech ids (filtered for the detokenizer unless ``codebook=None``); see ``save_speech_ids``."""
         ids = self.speech_ids if codebook is None else self.speech_ids_for_detokenizer(codebook)
         return save_speech_ids(path, ids)
@@ -136,10 +136,10 @@ class GenerationOutput:
     @property
     def speech_seconds(self) -> list[float]:
         """Seconds of audio per row (S3 codes at 25 Hz)."""
-        return [row.numel() / 25.0 for row in self.speech_ids_for_detokenizer()]
+        return [row.numel() / TOKEN_RATE_HZ for row in self.speech_ids_for_detokenizer()]
 
 
-def speech_ids_for_detokenizer(speech_ids: torch.Tensor, codebook: int = SPEECH_TOKEN_CODES):
+def speech_ids_for_detokenizer(speech_ids: torch.Tensor, codebook: int = SPEECH_CODES):
     """Keep only ids in [0, codebook): (n,) -> (m,), or (B, n) -> list of B 1-D tensors (lengths differ)."""
     if not isinstance(speech_ids, torch.Tensor) or speech_ids.dim() not in (1, 2):
         raise ValueError(f"speech_ids must be a 1-D or 2-D tensor, got {getattr(speech_ids, 'shape', speech_ids)}")
@@ -188,19 +188,36 @@ def load_speech_ids(path: str | Path):
 # ----------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------
+def _as_tensor(key: str, value: Any) -> torch.Tensor:
+    """A tensor as is; a NumPy array or a (nested) list/tuple converted with ``torch.as_tensor``; else TypeError."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            return torch.as_tensor(np.asarray(value))
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise ValueError(f"inputs[{key!r}] cannot be made a tensor ({error}); rows must have equal lengths "
+                             "(pad them, as FunAudioChatProcessor does)") from error
+    raise TypeError(f"inputs[{key!r}] must be a torch tensor, a NumPy array or a list, got {type(value).__name__}")
+
+
 def _model_inputs(model: FunAudioChat, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Validate the processor's output; return the tensors on the model's device (new tensors, never the
-    caller's when a move or cast is needed; never modified)."""
+    caller's when a move or cast is needed; never modified). NumPy arrays and lists are converted with
+    ``torch.as_tensor`` (ids and masks stay integers, features are cast to the encoder's dtype)."""
     if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
         raise ValueError("inputs must be a mapping with at least 'input_ids' (the output of FunAudioChatProcessor)")
     unknown = sorted(set(inputs) - set(INPUT_KEYS))
     if unknown:
         raise ValueError(f"inputs hold keys generation does not use: {unknown}; expected a subset of {INPUT_KEYS}")
     device = model.language_model.lm_head.weight.device
-    out = {key: value.to(device) for key, value in inputs.items() if value is not None}
+    out = {key: _as_tensor(key, value).to(device) for key, value in inputs.items() if value is not None}
     if "input_features" in out:
         out["input_features"] = out["input_features"].to(model.continuous_audio_tower.conv1.weight.dtype)
     input_ids = out["input_ids"]
+    if input_ids.dim() == 1:
+        raise ValueError(f"input_ids must be (B, L), got a 1-D tensor of {input_ids.shape[0]} ids; add the batch "
+                         "axis (input_ids[None], or [ids] for a list)")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point() or \
             input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be integer ids (B, L) with L >= 1, got {input_ids.dtype} "
@@ -295,9 +312,14 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
     the loop ends when every row stopped. sp_gen_kwargs: see ``DEFAULT_SP_GEN_KWARGS`` (the default here).
     generator: used for every draw; it must live on the model's device (``torch.Generator(device="cuda")``).
     output_logits: keep each step's text logits (B, V) and SRH logits (B, 5, C) (memory: V floats per step).
+
+    Checked before any work (``ValueError``/``TypeError`` naming the argument): ``max_new_tokens`` an int >= 0;
+    temperature, top_p, repetition_penalty finite (NaN is an error); prompt length L + ``max_new_tokens`` at most
+    ``text_config.max_position_embeddings`` and, with speech, k·(L + ``max_new_tokens``) at most the SRH's
+    ``crq_config.max_position_embeddings``. Inputs given as NumPy arrays or lists are converted to tensors.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = check_generation_settings(max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     settings = _sp_gen_kwargs(sp_gen_kwargs, DEFAULT_SP_GEN_KWARGS)
@@ -314,9 +336,19 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
     inputs = _model_inputs(model, inputs)
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"].long()                  # (B, L)
     batch, prompt_length = input_ids.shape
+    check_context_length(prompt_length, max_new_tokens, config.text_config.max_position_embeddings,
+                         "text_config.max_position_embeddings")
+    srh_limit = config.crq_config.max_position_embeddings
+    if speech_on and k * (prompt_length + max_new_tokens) > srh_limit:     # the SRH runs k positions per LLM one
+        raise ValueError(f"with speech, the SRH needs {k} positions per LLM position: {k} x (prompt {prompt_length} + "
+                         f"max_new_tokens {max_new_tokens}) = {k * (prompt_length + max_new_tokens)} > "
+                         f"crq_config.max_position_embeddings={srh_limit}; pass max_new_tokens <= "
+                         f"{max(0, srh_limit // k - prompt_length)} or a shorter prompt")
     device = input_ids.device
     inputs_embeds, text_embeds = prompt_embeddings(model, inputs)                            # (B, L, H) each
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)                                          # (B, L), left padding
+    # left padding: position 1 at padded slots, as transformers' prepare_inputs_for_generation sets them (their
+    # LLM states reach the SRH, which attends to them as released; checked against the official golden output)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)                             # (B, L)
     embed_text = model.language_model.model.embed_tokens
     head = model.audio_invert_tower
     lm_cache: KVCache = model.language_model.new_cache()

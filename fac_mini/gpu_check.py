@@ -57,7 +57,7 @@ from .released import count_parameters
 __all__ = ["RELEASED_SPECIAL_IDS", "GPUCheckError", "tiny_config", "synthetic_speech", "released_input_ids",
            "build_random_model", "run_gpu_check", "main"]
 
-# The released tokenizer's special ids (released_model.md section 1.5).
+# The released tokenizer's special ids (docs/released_model.md §1.5).
 RELEASED_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                         "<|AUDIO|>": 151669, "<|audio_bos|>": 151670, "<|audio_eos|>": 151671,
                         "<|audio_pad|>": 151672, "<|sil|>": 151673}

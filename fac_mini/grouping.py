@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .llm import LLMConfig
 
 __all__ = [
     "pad_to_multiple", "group_speech_ids", "group_frames", "ungroup", "group_mask_to_frame_mask",
-    "mean_group", "MeanGrouping", "ConcatGrouping", "backbone_cost",
+    "mean_group", "MeanGrouping", "ConcatGrouping",
 ]
 
 
@@ -132,24 +131,3 @@ class ConcatGrouping(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.output_matching(group_frames(embeddings, self.group_size))     # (B, L, H)
-
-
-def backbone_cost(num_frames: int, group_size: int, config: LLMConfig) -> dict[str, float]:
-    """Forward FLOPs of the LLM backbone on ``num_frames`` 25 Hz speech tokens grouped by ``group_size``.
-
-    Sequence length L = ceil(num_frames / k). Per layer and token, the projections cost
-    2·d·(q + 2·kv) + 2·q·d (q = heads·head_dim, kv = kv_heads·head_dim) and the SwiGLU MLP 6·d·intermediate:
-    linear in L. Attention scores and the weighted sum cost 4·L²·q per layer (full square; a causal kernel
-    skips about half): quadratic in L, so grouping by k cuts it k²-fold. Embedding and lm_head are left out.
-    """
-    _check_group_size(group_size)
-    if num_frames < 0:
-        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
-    seq_len = -(-num_frames // group_size)
-    d, q = config.hidden_size, config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    per_token = 2 * d * (q + 2 * kv) + 2 * q * d + 6 * d * config.intermediate_size
-    linear = float(config.num_hidden_layers * seq_len * per_token)
-    attention = float(config.num_hidden_layers * 4 * seq_len ** 2 * q)
-    return {"seq_len": seq_len, "linear_flops": linear, "attention_flops": attention,
-            "total_flops": linear + attention}

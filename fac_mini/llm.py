@@ -22,9 +22,18 @@ reuses it that way (see ``fac_mini.srh``).
 Masks and positions: ``attention_mask`` is (batch, past + new) with 1 for real tokens and 0 for padding;
 ``position_ids`` is (batch, new). ``generate`` derives positions from the mask exactly like transformers
 (``cumsum(mask) − 1``), so left-padded batches decode the same tokens as unpadded rows.
+
+Bad input: ids or labels outside the vocabulary, non-integer lengths, NaN sampling settings, config values of
+the wrong type, and decoding past ``max_position_embeddings`` raise ``ValueError``/``TypeError`` naming the
+argument. Labels that score no token at all (every label -100 after the shift) give a loss of 0 that keeps
+the graph (zero gradients), with a ``RuntimeWarning``, instead of cross-entropy's NaN mean over nothing.
 """
 from __future__ import annotations
 
+import json
+import math
+import operator
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -36,10 +45,157 @@ __all__ = [
     "LLMConfig", "llm_config_from_hf", "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rotary",
     "KVCache", "build_attention_mask", "Attention", "SwiGLU", "DecoderLayer", "Qwen3Model",
     "CausalLMOutput", "Qwen3ForCausalLM", "init_weights", "process_logits", "sample_next_token",
-    "generate", "generate_greedy", "IGNORE_INDEX",
+    "generate", "generate_greedy", "IGNORE_INDEX", "config_value", "check_token_ids", "check_labels",
+    "check_generation_settings", "check_context_length", "causal_lm_loss",
 ]
 
 IGNORE_INDEX = -100  # label value that the losses skip (PyTorch / transformers convention)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking inputs (cheap: a min/max over id tensors, never a pass over activations)
+# ----------------------------------------------------------------------------------------------------------
+_MISSING = object()
+_KIND_NAMES = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def config_value(config: Mapping[str, Any], key: str, kind: type, default: Any = _MISSING, *, where: str = "config",
+                 null_is_default: bool = False) -> Any:
+    """``config[key]`` checked to be of ``kind`` (``int``: an int, not a bool or float; ``float``: an int or float,
+    returned as float; ``bool``; ``str``); ``default`` when absent (and when null if ``null_is_default``).
+
+    Raises ``ValueError`` naming ``where.key``, the value and the expected type, e.g.
+    ``audio_config.d_model = "16" (str); expected an int``.
+    """
+    if key not in config:
+        if default is _MISSING:
+            raise ValueError(f"{where}.{key} is missing; expected {_KIND_NAMES[kind]}")
+        return default
+    value = config[key]
+    if value is None and null_is_default and default is not _MISSING:
+        return default
+    if not _is_kind(value, kind):
+        raise ValueError(f"{where}.{key} = {_shown(value)} ({type(value).__name__}); expected {_KIND_NAMES[kind]}")
+    return float(value) if kind is float else value
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, what: str = "vocabulary") -> None:
+    """Raise ``ValueError`` unless the integer tensor ``ids`` lies in [0, vocab_size) (one min and one max)."""
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds id {bad}, outside the {what} [0, {vocab_size}) (vocab_size = {vocab_size}); "
+                         "are the ids from this model's tokenizer?")
+
+
+def check_labels(name: str, labels: torch.Tensor, vocab_size: int, shape: tuple[int, ...] | None = None) -> None:
+    """Raise ``ValueError`` unless ``labels`` is an integer tensor (of ``shape``) holding ids in [0, vocab_size)
+    or ``IGNORE_INDEX`` (-100)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor of token ids, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids (or {IGNORE_INDEX}), got dtype {labels.dtype}")
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name} must be (B, T) = {tuple(shape)}, got {tuple(labels.shape)}")
+    if not labels.numel():
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if high >= vocab_size:
+        raise ValueError(f"{name} holds id {high}, outside the vocabulary [0, {vocab_size}) (vocab_size = "
+                         f"{vocab_size}); use {IGNORE_INDEX} for positions without a target")
+    if low < 0:
+        other = labels[(labels < 0) & (labels != IGNORE_INDEX)]
+        if other.numel():
+            raise ValueError(f"{name} holds {int(other[0])}, a negative label other than {IGNORE_INDEX}: use "
+                             f"{IGNORE_INDEX} for positions without a target, ids in [0, {vocab_size}) elsewhere")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) at t against *unshifted* labels (B, T) at t + 1, skipping -100.
+
+    When no label is scored (all -100 after the shift, or T = 1) the mean would be NaN; the loss is then 0
+    (``logits.sum() * 0``, so ``backward`` gives zero gradients) and a ``RuntimeWarning`` says so.
+    """
+    targets = labels[:, 1:]
+    if not (targets != IGNORE_INDEX).any():
+        warnings.warn("labels score no token (every label after the first position is -100): the loss is 0 "
+                      "(zero gradients); check the label masking", RuntimeWarning, stacklevel=3)
+        return logits.float().sum() * 0.0 + 0.0          # + 0.0: a plain 0, not -0
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def _check_number(name: str, value: Any, *, above: float | None = None, at_most: float | None = None) -> None:
+    """A finite real number (NumPy and 0-d torch numbers included), > ``above`` and <= ``at_most`` when given."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={number} must be a finite number")
+    if above is not None and not number > above:
+        raise ValueError(f"{name}={number} must be > {above:g}")
+    if at_most is not None and number > at_most:
+        raise ValueError(f"{name}={number} must be <= {at_most:g}")
+
+
+def check_generation_settings(max_new_tokens: Any, *, do_sample: bool = False, temperature: Any = 1.0,
+                              top_k: Any = 0, top_p: Any = 1.0, repetition_penalty: Any = 1.0) -> int:
+    """Validate the decoding arguments; return ``max_new_tokens`` as an int.
+
+    max_new_tokens: an int >= 0 (NumPy and 0-d torch integers are accepted; floats, strings and bools are
+    not). temperature (> 0 when sampling), top_p (in (0, 1]), repetition_penalty (> 0): finite numbers (NaN and
+    inf are rejected whether or not ``do_sample``). top_k: an int >= 0.
+    """
+    if isinstance(max_new_tokens, bool):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r} (bool)")
+    try:
+        steps = operator.index(max_new_tokens)
+    except TypeError:
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r} ({type(max_new_tokens).__name__}); "
+                        "pass a whole number of tokens, e.g. int(...)") from None
+    if steps < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {steps}")
+    _check_number("temperature", temperature)
+    if do_sample and not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0 when sampling (use do_sample=False for greedy), got {temperature}")
+    _check_number("top_p", top_p, above=0.0, at_most=1.0)
+    _check_number("repetition_penalty", repetition_penalty, above=0.0)
+    if isinstance(top_k, bool):
+        raise TypeError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    try:
+        top_k = operator.index(top_k)
+    except TypeError:
+        raise TypeError(f"top_k must be an int >= 0 (0 = off), got {top_k!r} ({type(top_k).__name__})") from None
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    return steps
+
+
+def check_context_length(prompt_length: int, max_new_tokens: int, limit: int, what: str) -> None:
+    """Raise ``ValueError`` when prompt + new tokens exceed ``limit`` positions (RoPE past the trained context)."""
+    if prompt_length + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({prompt_length} positions) + max_new_tokens={max_new_tokens} needs "
+                         f"{prompt_length + max_new_tokens} positions, more than {what}={limit}; pass "
+                         f"max_new_tokens <= {max(0, limit - prompt_length)} or a shorter prompt")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,7 +223,14 @@ class LLMConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LLMConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(f"LLMConfig.{name} must be a positive int, got {value!r} ({type(value).__name__})")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_kind(value, float) or not math.isfinite(value):
+                raise ValueError(f"LLMConfig.{name} must be a finite number, got {value!r} ({type(value).__name__})")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"LLMConfig.tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r} "
+                             f"({type(self.tie_word_embeddings).__name__})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -101,14 +264,16 @@ class LLMConfig:
 _SUPPORTED_ROPE_TYPES = (None, "default", "mrope")
 
 
-def llm_config_from_hf(config: Any) -> LLMConfig:
+def llm_config_from_hf(config: Any, *, where: str = "config") -> LLMConfig:
     """Build an ``LLMConfig`` from a transformers ``Qwen3Config`` (or any object with ``to_dict()``) or from a
     ``config.json``-style mapping.
 
     RoPE θ is read from ``rope_theta`` (transformers 4.x) or ``rope_parameters["rope_theta"]`` (5.x); a missing
     ``head_dim`` means ``hidden_size // num_attention_heads``, a missing ``num_key_value_heads`` means plain
-    multi-head attention. Features this decoder does not implement (attention bias, sliding windows, non-default
-    RoPE scaling, an activation other than SiLU) raise ``ValueError`` instead of being silently ignored.
+    multi-head attention (null means missing for these two, as in transformers). Features this decoder does not
+    implement (attention bias, sliding windows, non-default RoPE scaling, an activation other than SiLU) raise
+    ``ValueError`` instead of being silently ignored, and so does a value of the wrong type (a string, a null, a
+    float where an int belongs), naming ``where.key`` (e.g. ``text_config.hidden_size``), the value and the type.
     """
     if hasattr(config, "to_dict") and not isinstance(config, Mapping):
         config = config.to_dict()
@@ -118,34 +283,45 @@ def llm_config_from_hf(config: Any) -> LLMConfig:
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in config]
     if missing:
-        raise ValueError(f"config lacks the keys {missing}; is this the text config of a Qwen3 model?")
+        raise ValueError(f"{where} lacks the keys {missing}; is this the text config of a Qwen3 model?")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"{where}.rope_parameters = {_shown(rope)}; expected an object such as "
+                         '{"rope_type": "default", "rope_theta": 1000000.0}')
     rope_type = rope.get("rope_type", rope.get("type"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is not supported (only plain RoPE); config rope: {rope}")
-    rope_theta = config.get("rope_theta", rope.get("rope_theta"))
-    if rope_theta is None:
-        raise ValueError("config has no rope_theta (neither top-level nor in rope_parameters); set it explicitly")
+    if config.get("rope_theta") is not None:
+        rope_theta = config_value(config, "rope_theta", float, where=where)
+    elif rope.get("rope_theta") is not None:
+        rope_theta = config_value(rope, "rope_theta", float, where=f"{where}.rope_parameters")
+    else:
+        raise ValueError(f"{where} has no rope_theta (neither top-level nor in rope_parameters); set it explicitly")
     if config.get("attention_bias", False):
         raise ValueError("attention_bias=True is not supported by this Qwen3 decoder")
     if config.get("use_sliding_window", False):
         raise ValueError("use_sliding_window=True is not supported by this Qwen3 decoder")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported (Qwen3 uses silu)")
-    num_heads = int(config["num_attention_heads"])
+    def read(key: str, kind: type, default: Any = _MISSING, null_is_default: bool = False) -> Any:
+        return config_value(config, key, kind, default, where=where, null_is_default=null_is_default)
+
+    num_heads, hidden_size = read("num_attention_heads", int), read("hidden_size", int)
+    if num_heads <= 0:
+        raise ValueError(f"{where}.num_attention_heads = {num_heads}; expected a positive int")
     return LLMConfig(
-        vocab_size=int(config["vocab_size"]),
-        hidden_size=int(config["hidden_size"]),
-        intermediate_size=int(config["intermediate_size"]),
-        num_hidden_layers=int(config["num_hidden_layers"]),
+        vocab_size=read("vocab_size", int),
+        hidden_size=hidden_size,
+        intermediate_size=read("intermediate_size", int),
+        num_hidden_layers=read("num_hidden_layers", int),
         num_attention_heads=num_heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
-        head_dim=int(config.get("head_dim") or config["hidden_size"] // num_heads),
-        rope_theta=float(rope_theta),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        initializer_range=float(config.get("initializer_range", 0.02)),
+        num_key_value_heads=read("num_key_value_heads", int, num_heads, null_is_default=True),
+        head_dim=read("head_dim", int, hidden_size // num_heads, null_is_default=True),
+        rope_theta=rope_theta,
+        rms_norm_eps=read("rms_norm_eps", float, 1e-6),
+        max_position_embeddings=read("max_position_embeddings", int, 32768),
+        tie_word_embeddings=read("tie_word_embeddings", bool, False),
+        initializer_range=read("initializer_range", float, 0.02),
     )
 
 
@@ -360,9 +536,7 @@ class Qwen3Model(nn.Module):
             if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
                                  f"{tuple(input_ids.shape)}")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got range "
-                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            check_token_ids("input_ids", input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"inputs_embeds must be (B, T, {self.config.hidden_size}), got "
@@ -419,16 +593,16 @@ class Qwen3ForCausalLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, labels: torch.Tensor | None = None) -> CausalLMOutput:
         """Arguments as ``Qwen3Model.forward``; ``labels`` (B, T) are *unshifted* (transformers convention):
-        the loss scores logits at t against labels at t + 1 and skips ``IGNORE_INDEX`` (-100)."""
+        the loss scores logits at t against labels at t + 1 and skips ``IGNORE_INDEX`` (-100). Labels outside
+        [0, vocab_size) other than -100 raise ``ValueError``; labels that score nothing give loss 0 with a
+        warning (``causal_lm_loss``)."""
         hidden = self.model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             position_ids=position_ids, cache=cache)             # (B, T, d)
         logits = self.lm_head(hidden)                                            # (B, T, V)
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"labels must be (B, T) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            check_labels("labels", labels, self.config.vocab_size, tuple(logits.shape[:2]))
+            loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, last_hidden_state=hidden, loss=loss)
 
 
@@ -445,10 +619,10 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor | None = None, *,
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got {tuple(logits.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-    if not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise ValueError(f"need 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got top_p={top_p}, "
+    if not (temperature > 0 and math.isfinite(temperature)):       # `not >` also catches NaN
+        raise ValueError(f"temperature must be a finite number > 0 (use do_sample=False for greedy), got {temperature}")
+    if not (0 < top_p <= 1 and top_k >= 0 and repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise ValueError(f"need 0 < top_p <= 1, top_k >= 0, finite repetition_penalty > 0; got top_p={top_p}, "
                          f"top_k={top_k}, repetition_penalty={repetition_penalty}")
     scores = logits.float().clone()                                       # never modify the caller's logits
     if repetition_penalty != 1.0 and history is not None and history.numel():
@@ -494,12 +668,19 @@ def generate(model: Qwen3ForCausalLM, input_ids: torch.Tensor, max_new_tokens: i
     Batches are left-padded (``attention_mask`` 0 on the left); positions are ``cumsum(mask) − 1`` as in
     transformers. A row that emitted ``eos_token_id`` is continued with ``pad_token_id`` (default: eos), and
     decoding stops early once every row has finished. Sampling uses ``generator`` when given, so draws are
-    reproducible. ``top_k=0`` disables top-k (transformers' own default is 50).
+    reproducible. ``top_k=0`` disables top-k (transformers' own default is 50). Prompt + ``max_new_tokens``
+    must fit in ``config.max_position_embeddings`` (else ``ValueError``); the settings are checked by
+    ``check_generation_settings`` (NaN, non-integer lengths).
     """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch tensor (B, T), got {type(input_ids).__name__}; use "
+                        "torch.tensor([ids])")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = check_generation_settings(max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    check_context_length(input_ids.shape[1], max_new_tokens, model.config.max_position_embeddings,
+                         "config.max_position_embeddings")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:

@@ -14,7 +14,7 @@ become ``<|sil|>`` too), speech with the speech pad id (the released training da
 (``continuous_features_mode="replace"``: the placeholder groups are *replaced* by group means of the 25 Hz
 Whisper-style features, zero padding included in the mean).
 
-Labels (released_model.md section 5), built from ``labels`` (B, L) (= input ids, -100 outside the assistant):
+Labels (docs/released_model.md §5), built from ``labels`` (B, L) (= input ids, -100 outside the assistant):
 
     text labels    at <|AUDIO|> positions: the aligned transcript token (or -100 without ``text_ids``)
     speech labels  (B, L, k): at <|AUDIO|> positions the group's k speech ids (-100 where the speech tokenizer
@@ -30,7 +30,7 @@ reproduced: inputs are never modified, and masks may be bool or 0/1 integers.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
@@ -38,15 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import AudioEncoder, AudioEncoderConfig
-from .grouping import group_mask_to_frame_mask, group_speech_ids, mean_group
-from .llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, init_weights, llm_config_from_hf
-from .srh import (CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_EOS_ID, SPEECH_PAD_ID, SpeechRefinedHead,
-                  speech_loss, teacher_forcing_ids)
+from .grouping import group_speech_ids, mean_group
+from .llm import (IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, check_labels, check_token_ids, config_value,
+                  init_weights, llm_config_from_hf)
+from .constants import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_EOS_ID, SPEECH_PAD_ID
+from .srh import SpeechRefinedHead
 
 __all__ = [
     "DiscreteAudioConfig", "FunAudioChatConfig", "FunAudioChatOutput", "DiscreteAudioEncoder", "FunAudioChat",
     "SpeechBatch", "AssistantLabels", "fuse_text_and_speech", "align_text_to_groups", "prepare_speech_ids",
-    "audio_slot_ids", "build_training_labels", "build_assistant_labels", "srh_position_ids",
+    "audio_slot_ids", "build_training_labels", "build_assistant_labels",
 ]
 
 FUSION_MODES = ("average", "sum")           # released code / paper eq. (5)
@@ -68,6 +69,10 @@ class DiscreteAudioConfig:
     continuous_features_mode: str = "replace"   # continuous group means replace (or are added to) discrete ones
 
     def __post_init__(self):
+        for name in ("codebook_size", "group_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"DiscreteAudioConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -117,9 +122,13 @@ class FunAudioChatConfig:
             raise ValueError(f"audio_config.output_dim={self.audio_config.output_dim} must equal "
                              f"text_config.hidden_size={self.text_config.hidden_size}: audio groups become LLM inputs")
         for name in ("audio_token_index", "audio_bos_index", "audio_eos_index", "sil_index", "text_pad_token_id",
-                     "text_eos_token_id"):
+                     "text_eos_token_id", "ignore_index"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.text_config.vocab_size:
+            optional = name in ("text_pad_token_id", "text_eos_token_id")
+            if (value is not None or not optional) and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"FunAudioChatConfig.{name} must be an int{' or None' if optional else ''}, got "
+                                 f"{value!r} ({type(value).__name__})")
+            if name != "ignore_index" and value is not None and not 0 <= value < self.text_config.vocab_size:
                 raise ValueError(f"{name}={value} must lie in [0, text_config.vocab_size="
                                  f"{self.text_config.vocab_size})")
         if self.ignore_index != IGNORE_INDEX:
@@ -133,7 +142,7 @@ class FunAudioChatConfig:
 
     @classmethod
     def released_8b(cls) -> "FunAudioChatConfig":
-        """Fun-Audio-Chat-8B (released_model.md section 1): about 9.4 B parameters."""
+        """Fun-Audio-Chat-8B (docs/released_model.md §1): about 9.4 B parameters."""
         text = LLMConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=5e6,
                          max_position_embeddings=262144)
@@ -167,12 +176,18 @@ class FunAudioChatConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "FunAudioChatConfig":
         """Build from a dict in the released ``config.json`` layout (``model_type: funaudiochat``); keys this
-        implementation does not use are ignored, settings it cannot honour raise ``ValueError``."""
+        implementation does not use are ignored, settings it cannot honour raise ``ValueError``, and so does a
+        value of the wrong type, naming its key, e.g. ``audio_config.d_model = "16" (str); expected an int``."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config must be a dict (a parsed config.json), got {type(config).__name__}")
         if config.get("model_type") != "funaudiochat":
             raise ValueError(f"model_type is {config.get('model_type')!r}, expected 'funaudiochat'")
         for key in ("audio_config", "text_config", "audio_token_index"):
             if key not in config:
                 raise ValueError(f"config lacks {key!r}; is this a Fun-Audio-Chat config.json?")
+        for key in ("audio_config", "text_config"):
+            if not isinstance(config[key], Mapping):
+                raise ValueError(f"{key} = {config[key]!r} ({type(config[key]).__name__}); expected an object")
         audio, text = dict(config["audio_config"]), dict(config["text_config"])
         if "crq_transformer_config" not in audio:
             raise ValueError("audio_config lacks 'crq_transformer_config' (the Speech Refined Head's Qwen3 config)")
@@ -189,26 +204,39 @@ class FunAudioChatConfig:
         for name in ("audio_bos_index", "audio_eos_index", "sil_index"):
             if name not in text:
                 raise ValueError(f"text_config.{name} is missing (the ids of <|audio_bos|>, <|audio_eos|>, <|sil|>)")
-        encoder_fields = AudioEncoderConfig.__dataclass_fields__
+        kinds = {"int": int, "float": float, "bool": bool, "str": str}          # AudioEncoderConfig annotations
+        encoder = {item.name: config_value(audio, item.name, kinds[item.type], where="audio_config")
+                   for item in fields(AudioEncoderConfig) if item.name in audio}
         discrete = DiscreteAudioConfig(
-            codebook_size=int(audio["codebook_size"]), group_size=int(audio.get("group_size", GROUP_SIZE)),
-            bos_token_id=int(audio["bos_token_id"]), eos_token_id=int(audio["eos_token_id"]),
-            pad_token_id=int(audio.get("pad_token_id", SPEECH_PAD_ID)),
-            continuous_features_mode=audio.get("continuous_features_mode", "replace"))
+            codebook_size=config_value(audio, "codebook_size", int, where="audio_config"),
+            group_size=config_value(audio, "group_size", int, GROUP_SIZE, where="audio_config"),
+            bos_token_id=config_value(audio, "bos_token_id", int, where="audio_config"),
+            eos_token_id=config_value(audio, "eos_token_id", int, where="audio_config"),
+            pad_token_id=config_value(audio, "pad_token_id", int, SPEECH_PAD_ID, where="audio_config"),
+            continuous_features_mode=config_value(audio, "continuous_features_mode", str, "replace",
+                                                  where="audio_config"))
 
-        def token_id(value):
-            if value is not None and not isinstance(value, int):
-                raise ValueError(f"text_config pad/eos ids must be single ints or null, got {value!r}")
-            return value
+        def token_id(key: str) -> int | None:     # null: no such token
+            if text.get(key) is None:
+                return None
+            if isinstance(text[key], list):
+                raise ValueError(f"text_config.{key} = {text[key]} (list); expected a single int or null (this "
+                                 "implementation stops on one eos id)")
+            return config_value(text, key, int, where="text_config")
 
-        return cls(audio_config=AudioEncoderConfig(**{k: v for k, v in audio.items() if k in encoder_fields}),
-                   discrete=discrete, crq_config=llm_config_from_hf(audio["crq_transformer_config"]),
-                   text_config=llm_config_from_hf(text), audio_token_index=int(config["audio_token_index"]),
-                   audio_bos_index=int(text["audio_bos_index"]), audio_eos_index=int(text["audio_eos_index"]),
-                   sil_index=int(text["sil_index"]), text_pad_token_id=token_id(text.get("pad_token_id")),
-                   text_eos_token_id=token_id(text.get("eos_token_id")),
-                   ignore_index=int(config.get("ignore_index", IGNORE_INDEX)),
-                   speech_text_fusion=config.get("speech_text_fusion", "average"))
+        crq = audio["crq_transformer_config"]
+        if not isinstance(crq, Mapping):
+            raise ValueError(f"audio_config.crq_transformer_config = {crq!r}; expected an object (a Qwen3 config)")
+        return cls(audio_config=AudioEncoderConfig(**encoder), discrete=discrete,
+                   crq_config=llm_config_from_hf(crq, where="audio_config.crq_transformer_config"),
+                   text_config=llm_config_from_hf(text, where="text_config"),
+                   audio_token_index=config_value(config, "audio_token_index", int),
+                   audio_bos_index=config_value(text, "audio_bos_index", int, where="text_config"),
+                   audio_eos_index=config_value(text, "audio_eos_index", int, where="text_config"),
+                   sil_index=config_value(text, "sil_index", int, where="text_config"),
+                   text_pad_token_id=token_id("pad_token_id"), text_eos_token_id=token_id("eos_token_id"),
+                   ignore_index=config_value(config, "ignore_index", int, IGNORE_INDEX),
+                   speech_text_fusion=config_value(config, "speech_text_fusion", str, "average"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,7 +330,7 @@ def build_training_labels(input_ids: torch.Tensor, labels: torch.Tensor, group_s
                           group_text_labels: torch.Tensor | None = None, *, audio_token_index: int,
                           audio_eos_index: int, speech_eos_id: int,
                           ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
-    """The released label construction (released_model.md section 5). Returns new tensors, inputs untouched.
+    """The released label construction (docs/released_model.md §5). Returns new tensors, inputs untouched.
 
     input_ids, labels: (B, L); labels unshifted, -100 where nothing is learned (system, user).
     group_speech_labels: (N, k) the k speech labels of each real group, N = number of <|AUDIO|> in input_ids,
@@ -375,18 +403,6 @@ def build_assistant_labels(transcript_ids: torch.Tensor, speech_ids: torch.Tenso
     return AssistantLabels(input_ids=input_ids, text_stream=text,
                            speech_groups=speech.ids.view(num_groups, disc.group_size),
                            text_labels=text_labels[0], speech_labels=speech_labels[0])
-
-
-def srh_position_ids(position_ids: torch.Tensor, group_size: int) -> torch.Tensor:
-    """LLM positions (B, L) -> SRH positions (B, k·L): k·p + s, and 0 after the last non-zero position of each
-    row (the released rule for right padding, read from the position ids, not the attention mask)."""
-    batch, length = position_ids.shape
-    steps = torch.arange(group_size, device=position_ids.device, dtype=position_ids.dtype)
-    positions = (group_size * position_ids[:, :, None] + steps).flatten(1)                  # (B, k·L)
-    nonzero = position_ids != 0
-    last_nonzero_end = torch.where(nonzero.any(dim=1), length - nonzero.flip(1).long().argmax(dim=1), 0)  # (B,)
-    padding = torch.arange(length, device=position_ids.device)[None] >= last_nonzero_end[:, None]
-    return positions.masked_fill(group_mask_to_frame_mask(padding, group_size), 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,20 +489,12 @@ class FunAudioChat(nn.Module):
     def speech_head(self, lm_hidden: torch.Tensor, text_embeds: torch.Tensor, speech_labels: torch.Tensor | None,
                     attention_mask: torch.Tensor | None,
                     position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The released teacher-forced SRH pass: logits (B, k·L, C) and, with labels (B, k·L), the loss.
-
-        Previous-token inputs are ``audio_tower.embed_tokens`` rows of the labels (-100 -> pad, whose row gets no
-        gradient), rolled by −(k − 1); without labels none are added (as released).
-        """
-        head, k, pad = self.audio_invert_tower, self.config.discrete.group_size, self.config.discrete.pad_token_id
-        inputs = head.ungrouped_inputs(lm_hidden, text_embeds)                               # (B, k·L, H)
-        if speech_labels is not None:
-            previous, _ = teacher_forcing_ids(speech_labels, k, pad)                         # j reads label j+k−1
-            inputs = inputs + self.audio_tower.embed_tokens(previous)
-        frame_mask = None if attention_mask is None else group_mask_to_frame_mask(attention_mask, k)
-        positions = None if position_ids is None else srh_position_ids(position_ids, k)
-        logits = head.refine(inputs, attention_mask=frame_mask, position_ids=positions)     # (B, k·L, C)
-        return logits, None if speech_labels is None else speech_loss(logits, speech_labels, k)
+        """The released teacher-forced SRH pass (``SpeechRefinedHead.forward``, the one path): logits (B, k·L, C)
+        and, with labels (B, k·L), the loss. Previous-token inputs are rows of the tied speech table (-100 -> pad,
+        whose row gets no gradient from them), rolled by −(k − 1); without labels none are added (as released)."""
+        out = self.audio_invert_tower(lm_hidden, speech_labels, text_embeds=text_embeds,
+                                      attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits, out.loss
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -502,14 +510,26 @@ class FunAudioChat(nn.Module):
         input_features (A_feat, mel bins, frames), feature_attention_mask (A_feat, frames): the audios whose
         ``feature_exist_mask`` (A,) is True (default: all). text_ids (A, n): aligned transcripts (training);
         text_attention_mask (A,): which audios have one (default: all). Masks: bool or 0/1 integers.
+
+        Errors (``ValueError``, naming the tensor): ``input_ids`` or ``labels`` outside the text vocabulary
+        [0, ``text_config.vocab_size``) (labels may also be -100), wrong shapes or dtypes. Labels that score
+        nothing (all -100) give ``text_loss`` 0 with a ``RuntimeWarning`` (``fac_mini.llm.causal_lm_loss``) and
+        ``speech_loss`` 0, both keeping the graph, instead of NaN. The checks only read the id tensors (a min and
+        a max); they never change how valid inputs are computed.
         """
         config, disc = self.config, self.config.discrete
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch tensor (B, L), got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer ids (B, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        check_token_ids("input_ids", input_ids, config.text_config.vocab_size, "text vocabulary")
         if attention_mask is not None:
             attention_mask = _as_bool_mask("attention_mask", attention_mask, tuple(input_ids.shape))
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected input_ids' {tuple(input_ids.shape)}")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels has shape {shape}, expected input_ids' {tuple(input_ids.shape)}")
+            check_labels("labels", labels, config.text_config.vocab_size)
         embed_text = self.language_model.model.embed_tokens
         inputs_embeds = embed_text(input_ids)                                                # (B, L, H)
         text_embeds = inputs_embeds                                                          # SRH's stopgrad(e)

@@ -1,6 +1,6 @@
 """The processor: user audio (+ an optional instruction) -> the keyword inputs of ``FunAudioChat``.
 
-What the released ``FunAudioChatProcessor`` does for raw 16 kHz audio (released_model.md section 3.1, 3.6):
+What the released ``FunAudioChatProcessor`` does for raw 16 kHz audio (docs/released_model.md §3.1, §3.6):
 
     num_frames   = int(len(wav) / 16000 * 25)             25 Hz speech frames, floor
     speech_ids   = <|audio_pad|> x num_frames -> the speech pad id, right-padded to a multiple of 5,
@@ -22,7 +22,8 @@ tokens at the same time." (``S2T_SYSTEM_PROMPT``, ``S2M_SYSTEM_PROMPT``).
 
 Deviations from the release, all without effect on what the model computes:
 
-- Mel padding. The release pads every clip to 30 s (``padding="max_length"``, 3000 frames) before the log-mel.
+- Mel padding. The released processor most likely pads every clip to 30 s (Whisper's ``padding="max_length"``,
+  3000 frames) before the log-mel; its ``preprocessor_config.json`` was not visible (docs/released_model.md §3.1).
   Here ``feature_padding="longest"`` (default) returns only max(valid frames) frames. Each clip's log-mel is
   still computed on the clip followed by enough zeros (``N_FFT`` samples) that every valid frame sees exactly
   the zero right context and the same per-clip maximum as in the 30 s array, so the *valid* frames equal the
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 import warnings
 from pathlib import Path
@@ -49,18 +51,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .audio import HOP_LENGTH, MIN_SAMPLES, N_FFT, N_MELS, SAMPLE_RATE, as_mono_float, load_audio, log_mel, resample
+from .constants import GROUP_SIZE, SPEECH_PAD_ID, TOKEN_RATE_HZ
+from .train.store import read_json
+from .audio import (HOP_LENGTH, MIN_SAMPLES, N_FFT, N_MELS, SAMPLE_RATE, _log_mel_padded, as_mono_float,
+                    check_not_silent, load_audio, resample)
 
 __all__ = [
-    "TOKEN_RATE", "GROUP_SIZE", "SPEECH_PAD_ID", "AUDIO_TOKEN", "AUDIO_BOS_TOKEN", "AUDIO_EOS_TOKEN",
+    "AUDIO_TOKEN", "AUDIO_BOS_TOKEN", "AUDIO_EOS_TOKEN",
     "AUDIO_PAD_TOKEN", "SIL_TOKEN", "AUDIO_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "S2T_SYSTEM_PROMPT",
     "S2M_SYSTEM_PROMPT", "SYSTEM_PROMPTS", "num_speech_frames", "num_audio_tokens", "chat_prompt",
     "audio_chat_prompt", "expand_audio_tokens", "FunAudioChatProcessor",
 ]
 
-TOKEN_RATE = 25            # speech frames per second (S3 tokens, continuous encoder output)
-GROUP_SIZE = 5             # speech frames per LLM position (5 Hz)
-SPEECH_PAD_ID = 6563       # speech-vocabulary id of <|audio_pad|> (released audio_config.pad_token_id)
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS_TOKEN = "<|audio_bos|>"
 AUDIO_EOS_TOKEN = "<|audio_eos|>"
@@ -81,7 +83,7 @@ _SPECIAL = {"audio_token": AUDIO_TOKEN, "audio_bos_token": AUDIO_BOS_TOKEN, "aud
 # ----------------------------------------------------------------------------------------------------------
 # Counting and templates (pure functions)
 # ----------------------------------------------------------------------------------------------------------
-def num_speech_frames(num_samples: int, sampling_rate: int = SAMPLE_RATE, token_rate: int = TOKEN_RATE) -> int:
+def num_speech_frames(num_samples: int, sampling_rate: int = SAMPLE_RATE, token_rate: int = TOKEN_RATE_HZ) -> int:
     """25 Hz frames of a clip, exactly as released: ``int(num_samples / sampling_rate * token_rate)`` (floor of
     the float product, so e.g. 1.03 s = 16480 samples -> 25 frames, 0.5 s -> 12)."""
     if num_samples < 0 or sampling_rate <= 0:
@@ -155,7 +157,7 @@ class FunAudioChatProcessor:
     """
 
     def __init__(self, tokenizer, *, speech_pad_id: int = SPEECH_PAD_ID, group_size: int = GROUP_SIZE,
-                 token_rate: int = TOKEN_RATE, n_mels: int = N_MELS, feature_padding: str = "longest",
+                 token_rate: int = TOKEN_RATE_HZ, n_mels: int = N_MELS, feature_padding: str = "longest",
                  max_feature_seconds: float | None = 30.0, padding_side: str = "left"):
         if tokenizer is None or not callable(tokenizer):
             raise ValueError("tokenizer must be a transformers tokenizer (e.g. PreTrainedTokenizerFast), got "
@@ -207,19 +209,21 @@ class FunAudioChatProcessor:
         if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
             raise FileNotFoundError(f"no tokenizer files (tokenizer.json or vocab.json + merges.txt) in {path}")
         settings: dict[str, Any] = {}
-        config = _read_json(path / "config.json").get("audio_config", {})
+        config = _optional_json(path / "config.json").get("audio_config", {})
         if "pad_token_id" in config:
-            settings["speech_pad_id"] = int(config["pad_token_id"])
+            settings["speech_pad_id"] = _json_number(config, "pad_token_id", int, path / "config.json", "audio_config.")
         if "group_size" in config:
-            settings["group_size"] = int(config["group_size"])
-        processor_config = _read_json(path / "processor_config.json")
+            settings["group_size"] = _json_number(config, "group_size", int, path / "config.json", "audio_config.")
+        processor_config = _optional_json(path / "processor_config.json")
         if "audio_group_size" in processor_config:
-            settings["group_size"] = int(processor_config["audio_group_size"])
-        features = _read_json(path / "preprocessor_config.json")
+            settings["group_size"] = _json_number(processor_config, "audio_group_size", int,
+                                                  path / "processor_config.json")
+        features = _optional_json(path / "preprocessor_config.json")
         if "feature_size" in features:
-            settings["n_mels"] = int(features["feature_size"])
+            settings["n_mels"] = _json_number(features, "feature_size", int, path / "preprocessor_config.json")
         if "chunk_length" in features:
-            settings["max_feature_seconds"] = float(features["chunk_length"])
+            settings["max_feature_seconds"] = float(_json_number(features, "chunk_length", float,
+                                                                 path / "preprocessor_config.json"))
         if features.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
             raise ValueError(f"{path / 'preprocessor_config.json'}: sampling_rate {features['sampling_rate']} is not "
                              f"supported (the log-mel here is fixed at {SAMPLE_RATE} Hz)")
@@ -268,7 +272,22 @@ class FunAudioChatProcessor:
 
         Valid frames = ceil(min(samples, max samples) / 160); their values equal the released extractor's
         (each clip is computed with >= N_FFT zeros after it, or on exactly the 30 s window if it is that long).
+        Each clip is validated as ``load_wave`` does (mono float in [-1, 1], finite, at least 40 ms, not silent).
         """
+        if len(waves) == 0:
+            raise ValueError("features() got no clips; pass a non-empty list of 16 kHz waveforms")
+        checked = []
+        for i, wave in enumerate(waves):
+            wave = as_mono_float(wave, name=f"waves[{i}]")
+            if wave.size < MIN_SAMPLES:
+                raise ValueError(f"waves[{i}] has {wave.size} samples, shorter than one 25 Hz speech frame "
+                                 f"({MIN_SAMPLES} samples = 40 ms at 16 kHz); pass longer audio")
+            check_not_silent(wave, f"waves[{i}]")
+            checked.append(wave)
+        return self._features(checked)
+
+    def _features(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features`` on clips already validated by ``load_wave`` (no second pass over the samples)."""
         limit = None if self.max_feature_seconds is None else int(round(self.max_feature_seconds * SAMPLE_RATE))
         mels, valid = [], []
         for i, wave in enumerate(waves):
@@ -284,7 +303,8 @@ class FunAudioChatProcessor:
                 target = wave.size + N_FFT if limit is None else min(limit, wave.size + N_FFT)
             padded = np.zeros(max(target, wave.size), dtype=np.float32)
             padded[:wave.size] = wave
-            mels.append(log_mel(padded, SAMPLE_RATE, self.n_mels))                              # (n_mels, frames)
+            # = log_mel(padded), without validating again (a clip's first 30 s may be silent, which is fine)
+            mels.append(_log_mel_padded(torch.from_numpy(padded)[None], self.n_mels)[0])        # (n_mels, frames)
             valid.append(math.ceil(wave.size / HOP_LENGTH))
         frames = max(mel.shape[1] for mel in mels) if self.feature_padding == "max_length" else max(valid)
         features = torch.zeros(len(mels), self.n_mels, frames)
@@ -299,7 +319,10 @@ class FunAudioChatProcessor:
                  task: str = "s2t", instruction: str | None = None, system: str | None = None):
         """Build the model inputs (a transformers ``BatchFeature``: dict access, ``.to(device)``, ``**inputs``).
 
-        audio: one clip or a list of clips (path, numpy or torch; ``sampling_rate`` Hz, resampled to 16 kHz).
+        audio: one clip or a list of clips (path, numpy or torch; ``sampling_rate`` Hz, resampled to 16 kHz). A
+        list (or tuple) of numbers is *one* clip, as transformers' feature extractors read it; a list of arrays,
+        tensors, paths or lists of numbers is a batch; a list mixing numbers with clips is an error. Silent
+        (all-zero), empty, NaN or out-of-range float audio raises ``ValueError`` (see ``fac_mini.audio``).
         text: one string or a list (the batch), holding one ``<|AUDIO|>`` per clip in reading order (as the
         released processor takes it); default: one ``prompt(task, instruction, system)`` per clip.
 
@@ -308,13 +331,14 @@ class FunAudioChatProcessor:
         """
         from transformers import BatchFeature
 
-        clips = [] if audio is None else list(audio) if isinstance(audio, (list, tuple)) else [audio]
+        clips = _audio_clips(audio)
         waves = [self.load_wave(clip, sampling_rate, name=f"audio[{i}]") for i, clip in enumerate(clips)]
         frames = [num_speech_frames(wave.size, SAMPLE_RATE, self.token_rate) for wave in waves]
         for i, (wave, count) in enumerate(zip(waves, frames)):
             if count == 0 or wave.size < MIN_SAMPLES:
                 raise ValueError(f"audio[{i}] has {wave.size} samples at 16 kHz ({wave.size / SAMPLE_RATE * 1000:.1f} "
                                  f"ms), shorter than one 25 Hz speech frame (40 ms); pass longer audio")
+            check_not_silent(wave, f"audio[{i}]")
         if text is None:
             if not waves:
                 raise ValueError("pass audio (one clip or a list) and/or text with one <|AUDIO|> per clip")
@@ -348,7 +372,7 @@ class FunAudioChatProcessor:
         data: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if waves:
             speech_ids, speech_mask = self.speech_placeholders(frames)
-            features, feature_mask = self.features(waves)
+            features, feature_mask = self._features(waves)
             data.update(speech_ids=speech_ids, speech_attention_mask=speech_mask, input_features=features,
                         feature_attention_mask=feature_mask,
                         feature_exist_mask=torch.ones(len(waves), dtype=torch.bool))
@@ -372,11 +396,33 @@ class FunAudioChatProcessor:
                 f"padding_side={self.padding_side!r})")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _audio_clips(audio) -> list:
+    """The clips of the processor's ``audio`` argument: None -> [], a list of numbers -> one clip, a list or tuple
+    of anything else -> those clips, anything else -> one clip."""
+    if audio is None:
+        return []
+    if not isinstance(audio, (list, tuple)):
+        return [audio]
+    is_number = [isinstance(item, numbers.Number) for item in audio]
+    if audio and all(is_number):
+        return [np.asarray(audio)]                       # one clip of samples (transformers' reading)
+    if any(is_number):
+        first = is_number.index(True)
+        raise ValueError(f"audio mixes numbers (audio[{first}] = {audio[first]!r}) with clips; pass one clip as "
+                         "an array (or a list of numbers), or a batch as a list of arrays")
+    return list(audio)
+
+
+def _json_number(config: dict[str, Any], key: str, kind: type, path: Path, prefix: str = ""):
+    """``config[key]`` as an ``int`` (no bools, no floats) or a ``float`` (int or float); else ValueError naming it."""
+    value = config[key]
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise ValueError(f"{path}: {prefix}{key} = {json.dumps(value)} ({type(value).__name__}), expected "
+                         f"{'an int' if kind is int else 'a number'}")
+    return value
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
     """A JSON file as a dict ({} when absent); a corrupt file raises ``ValueError`` naming it."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"cannot parse {path}: {error}") from error
+    return read_json(path, "processor file") if path.is_file() else {}

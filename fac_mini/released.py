@@ -20,7 +20,7 @@ from memory-mapped safetensors files straight into tensors of the requested dtyp
 (RoPE ``inv_freq``, the encoder's sinusoid table) are recomputed in float32, as transformers keeps them.
 Peak memory is about the model's size plus a small read window (``python -m fac_mini bench load`` measures it).
 
-``count_parameters`` reproduces the released split (about 9.42 B in all, released_model.md section 2.6).
+``count_parameters`` reproduces the released split (about 9.42 B in all, docs/released_model.md §2.6).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from torch import nn
 from .encoder import AudioEncoder, sinusoidal_positions
 from .llm import Qwen3Model, RotaryEmbedding
 from .model import FunAudioChat, FunAudioChatConfig
+from .train.store import atomic_directory, atomic_write_text, read_json, save_safetensors
 
 __all__ = [
     "CONFIG_NAME", "SINGLE_FILE_NAME", "INDEX_NAME", "RELEASED_UNCONFIRMED", "released_config", "count_parameters",
@@ -61,6 +62,7 @@ KNOWN_UNUSED_KEYS = (
     re.compile(r"^continuous_audio_tower\.positional_embedding(\.positional_embedding)?$"),   # sinusoid table
 )
 
+_CORRUPT_HINT = "a checkpoint folder in the released layout needs it whole (re-download or re-save it)"
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _READ_WINDOW_BYTES = 64 << 20    # re-open a file after this many bytes were read through its memory map
 
@@ -68,7 +70,7 @@ _READ_WINDOW_BYTES = 64 << 20    # re-open a file after this many bytes were rea
 # ----------------------------------------------------------------------------------------------------------
 # The released configuration
 # ----------------------------------------------------------------------------------------------------------
-# Values of released_config() that no excerpt of the real config.json confirmed (released_model.md section 1).
+# Values of released_config() that no excerpt of the real config.json confirmed (docs/released_model.md §1).
 RELEASED_UNCONFIRMED = {
     "audio_token_index": "151669 (<|AUDIO|>) from three ports; the code default 151646 is a stale Qwen2-Audio value",
     "audio_config.pad_token_id": "6563 from the MLX port; one vllm-omni file guesses 6564",
@@ -85,7 +87,7 @@ RELEASED_UNCONFIRMED = {
 
 
 def released_config() -> dict[str, Any]:
-    """The released ``config.json`` of Fun-Audio-Chat-8B as a dict (released_model.md section 1).
+    """The released ``config.json`` of Fun-Audio-Chat-8B as a dict (docs/released_model.md §1).
 
     Built from ``FunAudioChatConfig.released_8b().to_dict()`` plus the bookkeeping fields the release carries.
     Values not confirmed by the visible part of the real file are listed in ``RELEASED_UNCONFIRMED``; the most
@@ -166,15 +168,6 @@ def count_parameters(config: FunAudioChatConfig | None = None) -> dict[str, int]
 # ----------------------------------------------------------------------------------------------------------
 # Reading a checkpoint directory
 # ----------------------------------------------------------------------------------------------------------
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a checkpoint directory in the released layout needs {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt or truncated") from error
-
-
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint directory and, for a sharded one, the index's key -> file map."""
     single, index = directory / SINGLE_FILE_NAME, directory / INDEX_NAME
@@ -185,7 +178,7 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
         return [single], None
     if not index.exists():
         raise FileNotFoundError(f"{directory} holds neither {SINGLE_FILE_NAME} nor {INDEX_NAME}: no weights to load")
-    data = _read_json(index, "the shard index")
+    data = read_json(index, "the shard index", _CORRUPT_HINT)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or \
             not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -357,6 +350,43 @@ def _set_parameter(model: nn.Module, name: str, parameter: nn.Parameter) -> None
     setattr(model.get_submodule(module_name) if module_name else model, leaf, parameter)
 
 
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, checked to exist on this machine (one empty allocation); else ValueError."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device ({error}); use 'cpu' or 'cuda'") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here (torch.cuda.is_available() is "
+                         f"False; torch {torch.__version__}, CUDA build {torch.version.cuda}); load on device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use an index below {torch.cuda.device_count()}")
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as error:
+        raise ValueError(f"device={str(device)!r} is not usable here ({error}); load on device='cpu'") from error
+    return device
+
+
+def _check_one_dtype(directory: Path, stored: dict[str, tuple[Path, tuple[int, ...], str]],
+                     to_load: dict[str, str]) -> None:
+    """With ``dtype=None`` every loaded tensor keeps its stored dtype, so they must all have the same one."""
+    by_dtype: dict[str, list[str]] = {}
+    for key in to_load:
+        by_dtype.setdefault(stored[key][2], []).append(key)
+    if len(by_dtype) <= 1:
+        return
+    common = max(by_dtype, key=lambda name: len(by_dtype[name]))
+    odd = [f"{key}: {name} in {stored[key][0].name}" for name, keys in sorted(by_dtype.items()) if name != common
+           for key in keys]
+    counts = ", ".join(f"{len(keys)} {name}" for name, keys in sorted(by_dtype.items()))
+    raise ValueError(f"checkpoint {directory} stores tensors of several dtypes ({counts}) and dtype=None keeps "
+                     "them, but the forward needs one dtype; pass dtype=torch.float32 (or torch.bfloat16) to cast "
+                     "every tensor on loading, or save the checkpoint again in one dtype.\n"
+                     + _listing(f"tensors not in {common}", odd))
+
+
 def load_released(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                   device: str | torch.device = "cpu") -> FunAudioChat:
     """Load a checkpoint directory in the released layout; returns a ``FunAudioChat`` in eval mode.
@@ -370,17 +400,21 @@ def load_released(path: str | os.PathLike, dtype: torch.dtype | None = torch.flo
     ``speech_attention_mask``, ``text_ids``, ``text_attention_mask``, ``labels``).
 
     Errors: ``FileNotFoundError`` for a missing directory, config, weights file or shard named by the index;
-    ``ValueError`` for a wrong ``model_type``, a corrupt or truncated file (named), and for missing, unexpected
-    or wrongly shaped tensors (all listed in one message). A stored ``audio_invert_tower.lm_head.weight`` must
-    equal ``audio_tower.embed_tokens.weight`` (they are one tied Parameter); without it, it is tied.
+    ``ValueError`` for a wrong ``model_type``, a config value of the wrong type (named with its key, e.g.
+    ``text_config.hidden_size = null``), a corrupt or truncated file (named), missing, unexpected or wrongly
+    shaped tensors (all listed in one message), a ``device`` this machine lacks (e.g. ``"cuda"`` without CUDA),
+    and, with ``dtype=None``, a checkpoint whose tensors have different dtypes (the forward needs one dtype:
+    the message names the odd tensors and their files; pass ``dtype=`` to cast all of them). A stored
+    ``audio_invert_tower.lm_head.weight`` must equal ``audio_tower.embed_tokens.weight`` (they are one tied
+    Parameter); without it, it is tied.
     """
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (or None to keep the stored ones), got {dtype!r}")
-    device = torch.device(device)
-    raw = _read_json(directory / CONFIG_NAME, "the model configuration")
+    device = _usable_device(device)
+    raw = read_json(directory / CONFIG_NAME, "the model configuration", _CORRUPT_HINT)
     if not isinstance(raw, dict) or raw.get("model_type") != "funaudiochat":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{directory / CONFIG_NAME} has model_type {found!r}, expected 'funaudiochat': not a "
@@ -395,6 +429,8 @@ def load_released(path: str | os.PathLike, dtype: torch.dtype | None = torch.flo
     model = build_on_meta(config)
     groups = tied_parameter_groups(model)
     to_load, tied_pairs = _check_keys(directory, model, stored, weight_map)
+    if dtype is None:
+        _check_one_dtype(directory, stored, to_load)
 
     state: dict[str, torch.Tensor] = {}
     needed = {key for key in to_load} | {alias for _, alias in tied_pairs}
@@ -460,28 +496,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata={"format": "pt"})
-    os.replace(temporary, path)
-
-
 def save_released(model: FunAudioChat, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
     """Write ``model`` in the released layout: ``config.json`` and ``model.safetensors``, or, when the weights
     exceed ``max_shard_size``, shards ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``.
 
     A tied parameter is stored once, under its first name (``audio_tower.embed_tokens.weight``; the SRH's
     ``lm_head.weight`` is left out, as ``save_pretrained`` does). Tensors keep their dtype, so
-    ``load_released(path, dtype=None)`` gives back bit-identical weights. Weight files of an earlier save in
-    the same directory are removed. Returns the directory.
+    ``load_released(path, dtype=None)`` gives back bit-identical weights. The folder is replaced atomically
+    (:func:`fac_mini.train.store.atomic_directory`): weight files and config of an earlier save are gone, other
+    files stay, and a failure mid-way leaves the earlier checkpoint as it was. Returns the directory.
     """
     if not isinstance(model, FunAudioChat):
         raise ValueError(f"save_released expects a fac_mini FunAudioChat model, got {type(model).__name__}")
     limit = parse_size(max_shard_size)
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     reference_groups = tied_parameter_groups(build_on_meta(model.config))
     state = model.state_dict()
     for names in reference_groups:
@@ -502,29 +530,27 @@ def save_released(model: FunAudioChat, path: str | os.PathLike, max_shard_size: 
         shards[-1].append(key)
         shard_bytes += size
 
-    for stale in directory.iterdir():
-        if stale.name in (SINGLE_FILE_NAME, INDEX_NAME) or SHARD_PATTERN.match(stale.name):
-            stale.unlink()
     config = model.config.to_dict()
     if config.get("speech_text_fusion") == "average":   # the released behaviour: no such key in a released config
         config.pop("speech_text_fusion")
     config["torch_dtype"] = _dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32"
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-    def tensors_of(keys: list[str]) -> dict[str, torch.Tensor]:
-        return {key: state[key].detach().to("cpu").contiguous() for key in keys}
-
-    if len(shards) == 1:
-        _atomic_save(tensors_of(shards[0]), directory / SINGLE_FILE_NAME)
-        return directory
-    weight_map: dict[str, str] = {}
-    for number, keys in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(tensors_of(keys), directory / name)
-        weight_map.update({key: name for key in keys})
-    total = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # Everything is written into a temporary sibling folder that replaces `directory` in one swap: a failure
+    # half-way (disk full, a kill) leaves the old checkpoint loadable. Other files (a tokenizer, say) are kept.
+    with atomic_directory(directory, replace=(CONFIG_NAME, SINGLE_FILE_NAME, INDEX_NAME, "model-*-of-*.safetensors")) \
+            as folder:
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        if len(shards) == 1:
+            save_safetensors({key: state[key] for key in shards[0]}, folder / SINGLE_FILE_NAME)
+        else:
+            weight_map: dict[str, str] = {}
+            for number, keys in enumerate(shards, start=1):
+                name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                save_safetensors({key: state[key] for key in keys}, folder / name)
+                weight_map.update({key: name for key in keys})
+            total = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -598,7 +624,7 @@ def build_random_checkpoint(config: FunAudioChatConfig, directory: str | os.Path
     for number, keys in enumerate(shards, start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {key: torch.empty(shapes[key], dtype=dtype).normal_(0.0, 0.02, generator=generator) for key in keys}
-        _atomic_save(tensors, directory / name)
+        save_safetensors(tensors, directory / name)
         del tensors
         weight_map.update({key: name for key in keys})
     config_dict = config.to_dict()

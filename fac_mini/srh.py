@@ -26,20 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_PAD_ID
 from .grouping import group_mask_to_frame_mask, ungroup
 from .llm import IGNORE_INDEX, KVCache, LLMConfig, Qwen3Model, init_weights, sample_next_token
 
 __all__ = [
-    "GROUP_SIZE", "CODEBOOK_SIZE", "SPEECH_BOS_ID", "SPEECH_EOS_ID", "SPEECH_PAD_ID",
     "SpeechHeadOutput", "SpeechStepOutput", "SRHState", "teacher_forcing_ids", "srh_position_ids", "speech_loss", "SpeechRefinedHead",
     "ParallelSpeechHead",
 ]
 
-GROUP_SIZE = 5          # speech tokens per LLM position (25 Hz / 5 Hz)
-CODEBOOK_SIZE = 6565    # 6561 S3 codes + bos, eos, pad, one unused id
-SPEECH_BOS_ID = 6561
-SPEECH_EOS_ID = 6562
-SPEECH_PAD_ID = 6563
 
 
 @dataclass

@@ -76,11 +76,6 @@ def test_left_padded_s2m_equals_the_official_one_where_padding_does_not_reach(of
     assert out.speech_ids[0].tolist() == case["speech_ids"][0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "position ids at left padding: fac_mini.generate uses (cumsum - 1).clamp(min=0) -> 0 there, the official "
-    "loop (transformers GenerationMixin.prepare_inputs_for_generation) uses cumsum - 1 with masked_fill(mask == 0, "
-    "1) -> 1; with padded query rows attending to every key, the padded positions' LLM states, hence the SRH's "
-    "input, differ. With 1 at padding fac_mini reproduces this golden exactly (checked by patching the positions)"))
 def test_left_padded_s2m_equals_the_official_one_with_the_cuda_rule_for_fully_masked_rows(official):
     """The official run with transformers' CUDA rule for fully masked query rows (they attend to every key, which
     is what fac_mini does on every device; on CPU the official code attends uniformly instead)."""

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from fac_mini.grouping import (ConcatGrouping, MeanGrouping, backbone_cost, group_frames,
+from fac_mini.grouping import (ConcatGrouping, MeanGrouping, group_frames,
                                group_mask_to_frame_mask, group_speech_ids, mean_group, pad_to_multiple, ungroup)
-from fac_mini.llm import LLMConfig
 
 PAD = 6563
 K = 5
@@ -69,16 +68,6 @@ def test_ungroup_inverts_group_and_orders_positions():
     assert torch.equal(mean_group(frames, K), grouped.view(2, 3, K, 4).mean(2))
     mask = torch.tensor([[1, 1, 0]])
     assert group_mask_to_frame_mask(mask, K).tolist() == [[1] * K + [1] * K + [0] * K]
-
-
-def test_backbone_cost_scales_with_group_size():
-    config = LLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, vocab_size=10)
-    at_25hz, at_5hz = backbone_cost(1500, 1, config), backbone_cost(1500, 5, config)
-    assert at_25hz["seq_len"] == 1500 and at_5hz["seq_len"] == 300
-    assert at_25hz["attention_flops"] == 25 * at_5hz["attention_flops"]
-    assert at_25hz["linear_flops"] == 5 * at_5hz["linear_flops"]
-    assert backbone_cost(1501, 5, config)["seq_len"] == 301
 
 
 def test_bad_inputs_raise_and_inputs_not_mutated():

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from fac_mini.grouping import mean_group
 from fac_mini.model import (FunAudioChat, FunAudioChatConfig, align_text_to_groups, build_assistant_labels,
-                            fuse_text_and_speech, srh_position_ids)
+                            fuse_text_and_speech)
+from fac_mini.srh import srh_position_ids
 
 IGN, SP_EOS, SP_BOS, SP_PAD = -100, 6562, 6561, 6563
 AUDIO, ABOS, AEOS, SIL, TEXT_PAD, TEXT_EOS = 3, 4, 5, 7, 0, 2       # the default (course tokenizer) ids
@@ -41,7 +42,7 @@ def _batch(with_features=True, with_text=True, mask_dtype=torch.long):
     return batch
 
 
-# expected labels, written out from the rules of released_model.md section 5
+# expected labels, written out from the rules of docs/released_model.md §5
 EXPECTED_TEXT_LABELS = [IGN] * 9 + [ABOS, 20, 21, SIL, AEOS, 2]      # <|AUDIO|> -> aligned transcript, <|sil|> pad
 EXPECTED_TEXT_LABELS_NO_TRANSCRIPT = [IGN] * 9 + [ABOS, IGN, IGN, IGN, AEOS, 2]
 EXPECTED_SPEECH_LABELS = (
