@@ -72,45 +72,57 @@ def plot_token_timeline(ax, tokens: list[str], starts_s, ends_s, y: float = 0.0,
     return ax
 
 
-def draw_pipeline(ax=None):
-    """The Fun-Audio-Chat system as boxes and arrows: user speech -> encoder -> 5 Hz LLM -> text + SRH -> speech."""
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+def draw_pipeline(ax=None, sampling_rate: int = 16000, mel_rate_hz: float = 100.0, token_rate_hz: float = 25.0,
+                  group_size: int = 5):
+    """The Fun-Audio-Chat system as boxes and arrows: user speech -> encoder -> LLM at ``token_rate_hz /
+    group_size`` -> text head + Speech Refined Head -> speech. Every rate in a label comes from the arguments.
 
-    ax = new_axes(ax, figsize=(12, 4.2))
-    boxes = {
-        "wave_in": (0.0, 2.0, "user speech\n16 kHz", "#dddddd"),
-        "mel": (1.55, 2.0, "log-mel\n100 Hz", "#cfe2f3"),
-        "encoder": (3.1, 2.0, "audio encoder\n+ adapter\n25 Hz", "#cfe2f3"),
-        "group": (4.65, 2.0, "group k=5\n5 Hz", "#d9ead3"),
-        "llm": (6.2, 2.0, "shared LLM\n(Qwen3)\n5 Hz", "#fff2cc"),
-        "text": (7.85, 3.3, "text head\n(text tokens)", "#fff2cc"),
-        "srh": (7.85, 0.7, "Speech Refined\nHead: 5 tokens\nper step, 25 Hz", "#f4cccc"),
-        "flow": (9.5, 0.7, "flow matching\ntokens -> mel", "#ead1dc"),
-        "vocoder": (11.05, 0.7, "vocoder\nmel -> wave", "#ead1dc"),
-        "wave_out": (11.05, 2.0, "assistant\nspeech", "#dddddd"),
+    Each box is a text label with its own frame (``bbox``), so the frame always fits its text; arrows join the
+    frames' edges.
+    """
+    if ax is None:
+        ax = new_axes(None, figsize=(12, 3.6))
+        ax.set_position((0.01, 0.0, 0.98, 0.9))  # no tick labels to make room for
+    llm_rate = token_rate_hz / group_size
+    boxes = {  # name: (x, y) of the label's centre in axes coordinates, text, colour
+        "wave_in": (0.05, 0.55, f"user speech\n{sampling_rate / 1000:g} kHz", "#dddddd"),
+        "mel": (0.175, 0.55, f"log-mel\n{mel_rate_hz:g} Hz", "#cfe2f3"),
+        "encoder": (0.315, 0.55, f"audio encoder\n+ adapter\n{token_rate_hz:g} Hz", "#cfe2f3"),
+        "group": (0.46, 0.55, f"group k = {group_size}\n{llm_rate:g} Hz", "#d9ead3"),
+        "llm": (0.6, 0.55, f"shared LLM\n(Qwen3)\n{llm_rate:g} Hz", "#fff2cc"),
+        "text": (0.78, 0.88, f"text head\n1 text token\nper step ({llm_rate:g} Hz)", "#fff2cc"),
+        "srh": (0.78, 0.2, f"Speech Refined Head\n{group_size} speech tokens\nper step ({token_rate_hz:g} Hz)",
+                "#f4cccc"),
+        "flow": (0.93, 0.2, "flow matching\ntokens -> mel", "#ead1dc"),
+        "vocoder": (0.93, 0.55, "vocoder\nmel -> wave", "#ead1dc"),
+        "wave_out": (0.93, 0.88, "assistant\nspeech", "#dddddd"),
     }
-    width, height = 1.3, 1.0
-    for x, y, label, color in boxes.values():
-        ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="round,pad=0.05", facecolor=color,
-                                    edgecolor="black", linewidth=0.8))
-        ax.text(x + width / 2, y + height / 2, label, ha="center", va="center", fontsize=8.5)
+    artists = {}
+    for name, (x, y, label, color) in boxes.items():
+        artists[name] = ax.text(x, y, label, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                                bbox=dict(boxstyle="round,pad=0.5", facecolor=color, edgecolor="black",
+                                          linewidth=0.8))
 
-    def arrow(a, b, text=""):
-        xa, ya = boxes[a][0] + width, boxes[a][1] + height / 2
-        xb, yb = boxes[b][0], boxes[b][1] + height / 2
-        if a == "vocoder":
-            xa, ya, xb, yb = boxes[a][0] + width / 2, boxes[a][1] + height, boxes[b][0] + width / 2, boxes[b][1]
-        ax.add_patch(FancyArrowPatch((xa, ya), (xb, yb), arrowstyle="-|>", mutation_scale=12, linewidth=1.0))
-        if text:
-            ax.text((xa + xb) / 2, (ya + yb) / 2 + 0.12, text, ha="center", fontsize=7.5, color="dimgray")
+    def arrow(a, b, side_a, side_b, **style):
+        ax.annotate("", xy=side_b, xycoords=artists[b], xytext=side_a, textcoords=artists[a],
+                    arrowprops=dict(arrowstyle="-|>", mutation_scale=12, linewidth=1.0, shrinkA=1, shrinkB=1,
+                                    **style))
 
-    for a, b in [("wave_in", "mel"), ("mel", "encoder"), ("encoder", "group"), ("group", "llm"), ("llm", "text"),
-                 ("llm", "srh"), ("srh", "flow"), ("flow", "vocoder"), ("vocoder", "wave_out")]:
-        arrow(a, b)
-    ax.annotate("", xy=(6.85, 3.0), xytext=(8.5, 3.3),
-                arrowprops=dict(arrowstyle="-|>", color="gray", connectionstyle="arc3,rad=0.3", linestyle="--"))
-    ax.text(7.2, 3.75, "next step's input:\n(text + grouped speech) / 2", fontsize=7.5, color="dimgray", ha="center")
-    ax.set(xlim=(-0.2, 12.6), ylim=(0.3, 4.6), title="Fun-Audio-Chat: dual-resolution speech in, text and speech out")
+    right, left, top, bottom = (1, 0.5), (0, 0.5), (0.5, 1), (0.5, 0)
+    for a, b in [("wave_in", "mel"), ("mel", "encoder"), ("encoder", "group"), ("group", "llm")]:
+        arrow(a, b, right, left)
+    arrow("llm", "text", (1, 0.75), (0, 0.3))
+    arrow("llm", "srh", (1, 0.25), (0, 0.7))
+    arrow("srh", "flow", right, left)
+    arrow("flow", "vocoder", top, bottom)
+    arrow("vocoder", "wave_out", top, bottom)
+    feedback = dict(color="gray", linestyle="--", connectionstyle="angle,angleA=180,angleB=90,rad=6")
+    arrow("text", "llm", (0, 0.75), top, **feedback)
+    arrow("srh", "llm", (0, 0.25), bottom, **feedback)
+    ax.text(0.585, 0.9, "generated tokens are fed back:\nnext input = (text embedding\n+ grouped speech) / 2",
+            transform=ax.transAxes, ha="right", va="center", fontsize=8, color="dimgray")
+    ax.set_title(f"Fun-Audio-Chat: dual-resolution speech in ({token_rate_hz:g} Hz -> {llm_rate:g} Hz), "
+                 "text and speech out")
     ax.axis("off")
     return ax
 
