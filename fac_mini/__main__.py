@@ -71,7 +71,7 @@ def _data_seal(args) -> int:
 
 
 def _exercises(args) -> int:
-    from .exercises import check_notebooks, write_notebooks
+    from .course.exercises import check_notebooks, write_notebooks
 
     if args.check:
         stale = check_notebooks()
@@ -90,12 +90,13 @@ def _exercises(args) -> int:
 # Commands whose own module parses the rest of the command line:
 # command -> {action: (module, function, whether the function also receives the action word)}.
 DELEGATED = {
-    "m0": {"train": ("fac_mini.m0", "main_train", False), "eval": ("fac_mini.m0", "main_eval", False)},
+    "m0": {"train": ("fac_mini.train.m0", "main_train", False), "eval": ("fac_mini.train.m0", "main_eval", False)},
     "speech-tokenizer": {"train": ("fac_mini.train.speech_tokenizer", "main_train", False),
                          "eval": ("fac_mini.train.speech_tokenizer", "main_eval", False)},
-    "srh": {"train": ("fac_mini.srh_study", "main_train", False), "eval": ("fac_mini.srh_study", "main_eval", False)},
-    "bench": {"drsr": ("fac_mini.bench", "main_bench", True),
-              "load": ("fac_mini.released", "main_bench_load", False)},
+    "srh": {"train": ("fac_mini.train.srh_study", "main_train", False),
+            "eval": ("fac_mini.train.srh_study", "main_eval", False)},
+    "bench": {"drsr": ("fac_mini.course.bench", "main_bench", True),
+              "load": ("fac_mini.released.load_benchmark", "main_bench_load", False)},
 }
 
 

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import DATA_DIR
-from .audio import SAMPLE_RATE, log_mel
+from .constants import SAMPLE_RATE
+from .audio import log_mel
 from .encoder import AudioEncoder, AudioEncoderConfig
 from .fsq import FSQ, fsq_levels, fsq_codes_to_indices, fsq_indices_to_codes, fsq_quantize
 from .train.metrics import normalize_text

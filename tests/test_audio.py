@@ -4,8 +4,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from fac_mini.audio import (MIN_SAMPLES, as_mono_float, load_audio, log_mel, log_mel_batch, mel_filterbank,
-                            resample)
+from fac_mini.audio import MIN_SAMPLES, as_mono_float, load_audio, log_mel, log_mel_batch, mel_filterbank, resample
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from fac_mini.encoder import AudioEncoderConfig
 from fac_mini.generate import generate_s2m, generate_s2t, prompt_embeddings
 from fac_mini.llm import LLMConfig, Qwen3ForCausalLM, generate as llm_generate, llm_config_from_hf, process_logits
 from fac_mini.model import FunAudioChat, FunAudioChatConfig
-from fac_mini.processing import FunAudioChatProcessor
+from fac_mini.released.processing import FunAudioChatProcessor
 from fac_mini.released import INDEX_NAME, load_released
 from fac_mini.tokenizer import load_tokenizer
 

@@ -1,11 +1,11 @@
-"""fac_mini.bench: the DRSR benchmark runs and reports its keys; the analytic cost model behaves (no timing limits)."""
+"""fac_mini.course.bench: the DRSR benchmark runs and reports its keys; the analytic cost model behaves (no timing limits)."""
 import json
 
 import pytest
 import torch
 
-from fac_mini.bench import (MINI_BACKBONE, MINI_SRH, RELEASED_BACKBONE, RELEASED_SRH, DRSRModel, bench_drsr,
-                            cost_vs_group_size, main_bench, shape_of, srh_parameters, training_flops)
+from fac_mini.course.bench import (MINI_BACKBONE, MINI_SRH, RELEASED_BACKBONE, RELEASED_SRH, DRSRModel, bench_drsr,
+                                   cost_vs_group_size, main_bench, shape_of, srh_parameters, training_flops)
 from fac_mini.cost import QWEN3_8B
 from fac_mini.llm import LLMConfig, Qwen3Model
 
@@ -43,7 +43,7 @@ def test_analytic_flops_ratio_agrees_with_the_flop_counter():
     forward + backward). The counter does not count the attention scores, so compare at a short sequence."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fac_mini.bench import Baseline25Hz, DRSRModel, _flops_ratio
+    from fac_mini.course.bench import Baseline25Hz, DRSRModel, _flops_ratio
 
     speech_ids = torch.randint(0, 6561, (1, 100), generator=torch.Generator().manual_seed(0))
     counted = {}

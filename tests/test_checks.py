@@ -1,10 +1,10 @@
-"""fac_mini.checks.compare / run_check and fac_mini.set_seed."""
+"""fac_mini.course.checks.compare / run_check and fac_mini.set_seed."""
 import numpy as np
 import pytest
 import torch
 
 import fac_mini
-from fac_mini.checks import compare, run_check
+from fac_mini.course.checks import compare, run_check
 
 
 def test_compare_verdicts():

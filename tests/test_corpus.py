@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from fac_mini import REPO_ROOT
-from fac_mini.corpus import (CORPUS_DIR, SHIPPED_SPLIT, SPLITS, file_sha256, load_corpus, pcm_sha256,
-                             plan_utterances, read_manifest, read_metadata)
+from fac_mini.corpus import (CORPUS_DIR, SHIPPED_SPLIT, SPLITS, load_corpus, pcm_sha256, plan_utterances,
+                             read_manifest, read_metadata)
+from fac_mini.train.store import file_sha256
 from fac_mini.tts import VOICES, synthesize
 from fac_mini.world import HELD_OUT_QUESTION, QUESTIONS, build_world
 

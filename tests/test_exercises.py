@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fac_mini import checks
-from fac_mini.exercises import (ANSWER_PROMPT, SOLUTIONS_DIR, check_notebooks, render, student_version,
-                                write_notebooks)
+from fac_mini.course import checks
+from fac_mini.course.exercises import (ANSWER_PROMPT, SOLUTIONS_DIR, check_notebooks, render, student_version,
+                                       write_notebooks)
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
@@ -388,7 +388,7 @@ EXERCISES = list(_exercise_cells())
 
 def _run(source: str) -> str:
     namespace = {"math": math, "np": np, "torch": torch}
-    exec("from fac_mini.checks import *", namespace)
+    exec("from fac_mini.course.checks import *", namespace)
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         exec(source, namespace)
@@ -502,9 +502,12 @@ def test_write_and_check_detect_drift(tmp_path):
             "source": "### BEGIN SOLUTION\nx = 1\n### END SOLUTION"}
     (solutions / "03_demo.ipynb").write_text(json.dumps({"metadata": {}, "nbformat": 4, "nbformat_minor": 5,
                                                          "cells": [cell]}))
-    assert check_notebooks(solutions, notebooks) == ["03_demo.ipynb"]            # missing
+    assert check_notebooks(solutions, notebooks) == [                            # raw solution, missing student
+        "solutions/03_demo.ipynb (not in the form JupyterLab saves)", "03_demo.ipynb"]
     write_notebooks(solutions, notebooks)
     assert check_notebooks(solutions, notebooks) == []
+    saved = json.loads((solutions / "03_demo.ipynb").read_text())                  # normalised in place
+    assert saved["metadata"]["kernelspec"]["display_name"] == "Python 3 (ipykernel)"
     target = notebooks / "03_demo.ipynb"
     target.write_text(target.read_text().replace("Exercise 03.1", "Exercise 03.9"))
     assert check_notebooks(solutions, notebooks) == ["03_demo.ipynb"]            # stale

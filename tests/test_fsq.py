@@ -56,7 +56,7 @@ def test_fsq_levels_grid_and_module():
 
 
 def test_check_fsq_quantize(capsys):
-    from fac_mini.checks import check_fsq_quantize
+    from fac_mini.course.checks import check_fsq_quantize
 
     assert check_fsq_quantize(fsq_quantize) is None          # checks print their verdict, they return nothing
     assert "[pass]" in capsys.readouterr().out

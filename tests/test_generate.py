@@ -7,7 +7,7 @@ import torch
 from fac_mini.generate import (DEFAULT_SP_GEN_KWARGS, generate, generate_s2m, generate_s2t, load_speech_ids,
                                prompt_embeddings, save_speech_ids, speech_ids_for_detokenizer)
 from fac_mini.model import FunAudioChat, FunAudioChatConfig
-from fac_mini.processing import FunAudioChatProcessor
+from fac_mini.released.processing import FunAudioChatProcessor
 from fac_mini.tokenizer import load_tokenizer
 
 ABOS, AEOS, IM_END, PAD = 4, 5, 2, 0           # course tokenizer ids (the tiny config's defaults)

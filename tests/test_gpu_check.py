@@ -1,4 +1,4 @@
-"""fac_mini.gpu_check: the 8B GPU check's code path on a tiny config on CPU, its id mapping and its errors; the
+"""fac_mini.released.gpu_check: the 8B GPU check's code path on a tiny config on CPU, its id mapping and its errors; the
 real 8B run when a CUDA GPU is present."""
 import json
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fac_mini import gpu_check
-from fac_mini.gpu_check import (RELEASED_SPECIAL_IDS, build_random_model, main, released_input_ids,
-                                run_gpu_check, synthetic_speech, tiny_config)
+from fac_mini.released import gpu_check
+from fac_mini.released.gpu_check import (RELEASED_SPECIAL_IDS, build_random_model, main, released_input_ids,
+                                         run_gpu_check, synthetic_speech, tiny_config)
 from fac_mini.model import FunAudioChatConfig
-from fac_mini.processing import FunAudioChatProcessor
+from fac_mini.released.processing import FunAudioChatProcessor
 from fac_mini.tokenizer import load_tokenizer
 
 KEYS = {"mode", "device", "device_name", "torch", "dtype", "parameters", "weights_gb", "build_s", "audio_s",

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fac_mini.grouping import (ConcatGrouping, MeanGrouping, group_frames,
-                               group_mask_to_frame_mask, group_speech_ids, mean_group, pad_to_multiple, ungroup)
+from fac_mini.grouping import (ConcatGrouping, MeanGrouping, group_frames, group_mask_to_frame_mask,
+                               group_speech_ids, mean_group, pad_to_multiple, ungroup)
 
 PAD = 6563
 K = 5

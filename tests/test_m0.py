@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fac_mini import DATA_DIR
-from fac_mini.checks import check_chat_prompt, check_qa_labels
+from fac_mini.course.checks import check_chat_prompt, check_qa_labels
 from fac_mini.llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM
-from fac_mini.m0 import (M0_CONFIG, build_m0_sequences, chat_prompt, chat_text, collate,
-                         evaluate_knowledge, load_m0, qa_labels, save_m0, statement_text, train_m0)
+from fac_mini.train.m0 import (M0_CONFIG, build_m0_sequences, chat_prompt, chat_text, collate, evaluate_knowledge,
+                               load_m0, qa_labels, save_m0, statement_text, train_m0)
 from fac_mini.train.loop import TrainConfig
 from fac_mini.train.store import file_sha256
 from fac_mini.tokenizer import load_tokenizer
@@ -149,7 +149,7 @@ def test_bad_inputs(tokenizer):
 
 
 def test_self_checks(capsys):
-    from fac_mini.m0 import chat_prompt as reference_prompt, qa_labels as reference_labels
+    from fac_mini.train.m0 import chat_prompt as reference_prompt, qa_labels as reference_labels
 
     check_chat_prompt(reference_prompt)
     check_chat_prompt(lambda q: f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant")    # no last newline

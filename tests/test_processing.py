@@ -1,4 +1,4 @@
-"""fac_mini.processing: placeholder counts, the chat template, Whisper features as released, batching, errors."""
+"""fac_mini.released.processing: placeholder counts, the chat template, Whisper features as released, batching, errors."""
 import copy
 import json
 import math
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fac_mini.processing import (AUDIO_TEMPLATE, S2M_SYSTEM_PROMPT, S2T_SYSTEM_PROMPT, FunAudioChatProcessor,
-                                 audio_chat_prompt, expand_audio_tokens, num_audio_tokens, num_speech_frames)
+from fac_mini.released.processing import (AUDIO_TEMPLATE, S2M_SYSTEM_PROMPT, S2T_SYSTEM_PROMPT,
+                                          FunAudioChatProcessor, audio_chat_prompt, expand_audio_tokens,
+                                          num_audio_tokens, num_speech_frames)
 from fac_mini.tokenizer import load_tokenizer
 
 AUDIO, ABOS, AEOS, PAD = 3, 4, 5, 0          # course tokenizer ids

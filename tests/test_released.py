@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fac_mini.model import FunAudioChat, FunAudioChatConfig
-from fac_mini.released import (INDEX_NAME, RELEASED_UNCONFIRMED, SINGLE_FILE_NAME, bench_load, build_on_meta,
-                               count_parameters, load_released, parse_size, released_config, save_released)
+from fac_mini.released import (INDEX_NAME, RELEASED_UNCONFIRMED, SINGLE_FILE_NAME, build_on_meta, count_parameters,
+                               load_released, parse_size, released_config, save_released)
+from fac_mini.released.load_benchmark import bench_load
 
 FIXTURE = Path(__file__).parent / "fixtures" / "released_tiny"
 CHECKPOINT = FIXTURE / "checkpoint"

@@ -1,4 +1,4 @@
-"""fac_mini.srh_study: the SRH vs parallel-head experiment of notebook 07 (streams, model, metrics, shipped run)."""
+"""fac_mini.train.srh_study: the SRH vs parallel-head experiment of notebook 07 (streams, model, metrics, shipped run)."""
 import dataclasses
 import json
 import math
@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from fac_mini.corpus import load_corpus
 from fac_mini.llm import IGNORE_INDEX
 from fac_mini.speech_tokenizer import load_speech_tokenizer
-from fac_mini.srh_study import (HEADS, SpeechStreamLM, StudyConfig, collate_streams, corpus_speech_tokens,
-                                evaluate_head, generate_reply_speech, head_metrics, load_head, main_eval, read_manifest, save_head,
-                                stream_examples, summarize_metrics, train_head)
+from fac_mini.train.srh_study import (HEADS, SpeechStreamLM, StudyConfig, collate_streams, corpus_speech_tokens,
+                                      evaluate_head, generate_reply_speech, head_metrics, load_head, main_eval,
+                                      read_manifest, save_head, stream_examples, summarize_metrics, train_head)
 from fac_mini.tokenizer import load_tokenizer
 from fac_mini.train.loop import TrainConfig
 
@@ -136,7 +136,7 @@ def test_batched_tokens_equal_tokenize_per_clip():
 
 def test_shipped_run_reproduces_its_metrics_and_the_srh_wins(capsys):
     manifest = read_manifest()
-    assert main_eval([]) == 0
+    assert main_eval(["--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     for head in HEADS:
         shipped = manifest["heads"][head]
@@ -194,7 +194,7 @@ def test_parallel_greedy_generation_equals_teacher_forced_argmax():
 
 
 def test_train_command_writes_a_loadable_study(tmp_path, capsys):
-    from fac_mini.srh_study import main_train
+    from fac_mini.train.srh_study import main_train
 
     out = tmp_path / "study"
     assert main_train(["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--out", str(out),

@@ -110,6 +110,7 @@ def test_save_released_cut_by_a_full_disk_leaves_the_old_checkpoint_loadable(tmp
     from pathlib import Path
 
     import fac_mini.released as released
+    import fac_mini.released.checkpoint as checkpoint
 
     fixture = Path(__file__).parent / "fixtures" / "released_tiny" / "checkpoint"
     model = released.load_released(fixture)
@@ -125,8 +126,8 @@ def test_save_released_cut_by_a_full_disk_leaves_the_old_checkpoint_loadable(tmp
             raise OSError(28, "No space left on device")
         return released_save(tensors, path)
 
-    released_save = released.save_safetensors
-    monkeypatch.setattr(released, "save_safetensors", full_disk)
+    released_save = checkpoint.save_safetensors
+    monkeypatch.setattr(checkpoint, "save_safetensors", full_disk)
     with pytest.raises(OSError, match="No space left"):
         released.save_released(model, target, max_shard_size=32000)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -136,3 +137,28 @@ def test_save_released_cut_by_a_full_disk_leaves_the_old_checkpoint_loadable(tmp
     monkeypatch.undo()
     released.save_released(model, target)                                    # one file now: old shards gone
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("recipe", ["m0", "speech_tokenizer", "srh_study"])
+def test_every_shipped_loader_names_a_corrupt_file(tmp_path, recipe):
+    import shutil
+
+    from fac_mini import DATA_DIR
+    from fac_mini.speech_tokenizer import SpeechTokenizer
+    from fac_mini.train.m0 import load_m0
+    from fac_mini.train.srh_study import load_head
+
+    folder = tmp_path / recipe
+    shutil.copytree(DATA_DIR / recipe, folder)
+    load, weights_dir = {"m0": (load_m0, folder), "speech_tokenizer": (SpeechTokenizer.from_pretrained, folder),
+                         "srh_study": (lambda path: load_head("srh", path), folder / "srh")}[recipe]
+    weights = weights_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])           # truncated
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
+        load(folder)
+    (weights_dir / "config.json").write_text('{"hidden_size": ')                       # corrupt JSON
+    with pytest.raises(ValueError, match=rf"{weights_dir / 'config.json'} is not valid JSON"):
+        load(folder)
+    (weights_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{weights_dir / 'config.json'} is missing"):
+        load(folder)

@@ -13,17 +13,22 @@ and manifest together), so an interrupted run leaves the old artefact untouched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .. import CACHE_DIR, DATA_DIR
 from .store import atomic_write_json, file_sha256
 
-__all__ = ["RecipeParser", "positive_int", "positive_float", "add_train_flags", "add_eval_flags", "output_folder",
+if TYPE_CHECKING:
+    from .loop import TrainConfig
+
+__all__ = ["RecipeParser", "positive_int", "positive_float", "add_train_flags", "config_from_flags", "shipped_flags",
+           "add_eval_flags", "output_folder",
            "versions", "write_manifest", "run_command", "RUNS_DIR"]
 
 RUNS_DIR = CACHE_DIR / "runs"          # where non-shipped runs go by default
@@ -56,9 +61,13 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_train_flags(parser: argparse.ArgumentParser, name: str, steps: int, threads: int = 1) -> None:
-    """The shared ``train`` flags; ``name`` is the recipe (its shipped folder is ``data/<shipped folder>``)."""
-    parser.add_argument("--steps", type=positive_int, default=steps, help=f"training steps (shipped: {steps})")
+def add_train_flags(parser: argparse.ArgumentParser, name: str, shipped: "TrainConfig", threads: int = 1) -> None:
+    """The shared ``train`` flags, with the shipped recipe's values (``shipped``) as defaults; ``name`` is the
+    recipe (its runs go to ``data/cache/runs/<name>``)."""
+    parser.add_argument("--steps", type=positive_int, default=shipped.steps, help="training steps (%(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=shipped.batch_size, help="(%(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=shipped.lr, help="peak learning rate (%(default)s)")
+    parser.add_argument("--seed", type=int, default=shipped.seed, help="(%(default)s)")
     parser.add_argument("--threads", type=positive_int, default=threads,
                         help="torch CPU threads (bitwise reproduction needs the same count; shipped: %(default)s)")
     parser.add_argument("--out", type=Path, default=None,
@@ -68,6 +77,18 @@ def add_train_flags(parser: argparse.ArgumentParser, name: str, steps: int, thre
                         help="resumable training state (default %(default)s)")
     parser.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
     parser.add_argument("--force", action="store_true", help="allow writing into data/ for a non-shipped run")
+
+
+def config_from_flags(args: argparse.Namespace, shipped: "TrainConfig", **overrides: Any) -> "TrainConfig":
+    """The run's hyper-parameters: ``shipped`` with the shared flags of ``args`` (and ``overrides``) applied."""
+    return dataclasses.replace(shipped, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               **overrides)
+
+
+def shipped_flags(shipped: "TrainConfig", **extra: Any) -> dict[str, Any]:
+    """The flag values of the full shipped recipe (for :func:`output_folder`): its hyper-parameters, one thread."""
+    return {"steps": shipped.steps, "batch_size": shipped.batch_size, "lr": shipped.lr, "seed": shipped.seed,
+            "threads": 1, **extra}
 
 
 def add_eval_flags(parser: argparse.ArgumentParser, shipped: Path, limit: bool = True) -> None:

@@ -28,8 +28,8 @@ from ..audio import log_mel
 from ..speech_tokenizer import (SPEECH_TOKENIZER_DIR, TRAIN_COMMAND, SpeechTokenizer, SpeechTokenizerConfig,
                                 build_char_vocab, ctc_greedy_decode, features_from_waves, load_speech_tokenizer,
                                 pad_features)
-from .cli import (RecipeParser, add_eval_flags, add_train_flags, output_folder, positive_float, positive_int,
-                  run_command, write_manifest)
+from .cli import (RecipeParser, add_eval_flags, add_train_flags, config_from_flags, output_folder, run_command,
+                  shipped_flags, write_manifest)
 from .loop import TrainConfig, TrainResult, adamw, torch_threads, train
 from .metrics import character_error_rate, normalize_text, normalized_edit_distance
 from .seal import refresh_seal
@@ -212,23 +212,18 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     t = TOKENIZER_TRAIN
     parser = RecipeParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
-    add_train_flags(parser, "speech_tokenizer", steps=t.steps)
-    parser.add_argument("--batch-size", type=positive_int, default=t.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=t.lr, help="peak learning rate")
-    parser.add_argument("--seed", type=int, default=t.seed)
+    add_train_flags(parser, "speech_tokenizer", t)
     parser.add_argument("--no-eval", action="store_true", help="skip the test-split metrics")
     args = parser.parse_args(argv)
-    shipped = {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed, "threads": 1,
-               "no_eval": False}
-    out = output_folder(parser, args, "speech_tokenizer", SPEECH_TOKENIZER_DIR, shipped)
-    train_config = dataclasses.replace(t, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    result = train_speech_tokenizer(train_config=train_config, state_dir=args.state_dir, resume=not args.restart,
+    out = output_folder(parser, args, "speech_tokenizer", SPEECH_TOKENIZER_DIR, shipped_flags(t, no_eval=False))
+    run_config = config_from_flags(args, t)
+    result = train_speech_tokenizer(train_config=run_config, state_dir=args.state_dir, resume=not args.restart,
                                     threads=args.threads)
     model = result.model
     losses = [row["loss"] for row in result.log if "loss" in row]
     fields: dict[str, Any] = {
-        "config": model.config.to_dict(), "train": train_config.to_dict(), "threads": args.threads,
-        "run_key": result.run_key, "steps": train_config.steps, "batch_size": train_config.batch_size,
+        "config": model.config.to_dict(), "train": run_config.to_dict(), "threads": args.threads,
+        "run_key": result.run_key, "steps": run_config.steps, "batch_size": run_config.batch_size,
         "train_seconds": result.train_seconds, "parameters": sum(p.numel() for p in model.parameters()),
         "codebook_size": model.config.codebook_size,
         "final_ctc_loss_mean_last_50": round(float(np.mean(losses[-50:])), 4)}

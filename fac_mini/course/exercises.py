@@ -24,7 +24,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import REPO_ROOT
+from .. import REPO_ROOT
 
 __all__ = ["SOLUTIONS_DIR", "NOTEBOOKS_DIR", "normalise_notebook", "student_version", "render", "write_notebooks",
            "check_notebooks"]
@@ -91,7 +91,7 @@ def _merge_streams(outputs: list) -> list:
 def normalise_notebook(notebook: dict) -> dict:
     """A copy of ``notebook`` (nbformat 4 dict) in the form JupyterLab 4 saves it."""
     notebook = _js_numbers(copy.deepcopy(notebook))
-    notebook["metadata"]["kernelspec"] = dict(KERNELSPEC)
+    notebook.setdefault("metadata", {})["kernelspec"] = dict(KERNELSPEC)
     notebook["nbformat"], notebook["nbformat_minor"] = 4, max(5, notebook.get("nbformat_minor", 5))
     for cell in notebook["cells"]:
         cell.get("metadata", {}).pop("execution", None)
@@ -167,9 +167,11 @@ def write_notebooks(solutions_dir: Path = SOLUTIONS_DIR, notebooks_dir: Path = N
     notebooks_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for source, target, number in _pairs(solutions_dir, notebooks_dir):
-        solution = json.loads(source.read_text(encoding="utf-8"))
-        if source.read_text(encoding="utf-8") != render(solution):
-            source.write_text(render(solution), encoding="utf-8")          # the form JupyterLab saves
+        text = source.read_text(encoding="utf-8")
+        if text != render(json.loads(text)):
+            text = render(json.loads(text))
+            source.write_text(text, encoding="utf-8")                        # the form JupyterLab saves
+        solution = json.loads(text)
         target.write_text(render(student_version(solution, number)), encoding="utf-8")
         written.append(target)
     for orphan in set(notebooks_dir.glob("*.ipynb")) - set(written):

@@ -168,7 +168,7 @@ def _describe(args: tuple) -> str:
 # --- notebook 01: the resolution mismatch ----------------------------------------------------------------
 def check_speech_tokens(student_fn: Callable) -> None:
     """Exercise 01.1: tokens the LLM sees for ``duration_s`` of speech at ``frame_rate_hz``, grouped by ``group_size``."""
-    from .cost import speech_tokens
+    from ..cost import speech_tokens
 
     rng = np.random.default_rng(1)
     cases = [(360.0, 25.0, 1), (360.0, 25.0, 5), (2.5, 25.0, 5), (0.04, 25.0, 5), (10.0, 12.5, 1), (0.0, 25.0, 5)]
@@ -195,7 +195,7 @@ def check_speech_tokens(student_fn: Callable) -> None:
 
 def check_kv_cache_bytes(student_fn: Callable) -> None:
     """Exercise 01.2: bytes of keys and values cached for ``seq_len`` positions."""
-    from .cost import kv_cache_bytes
+    from ..cost import kv_cache_bytes
 
     rng = np.random.default_rng(2)
     cases = [(1800, 36, 8, 128, 2), (9000, 36, 8, 128, 2), (1, 1, 1, 1, 4)]
@@ -212,8 +212,8 @@ __all__ += ["check_chat_prompt", "check_qa_labels"]
 
 def check_chat_prompt(student_fn: Callable) -> None:
     """Exercise 05: ``chat_prompt(question)``, the released chat format up to the assistant's answer."""
-    from .m0 import chat_prompt
-    from .world import build_world
+    from ..train.m0 import chat_prompt
+    from ..world import build_world
 
     questions = build_world(0).questions()
     rng = np.random.default_rng(5)
@@ -226,7 +226,7 @@ def check_chat_prompt(student_fn: Callable) -> None:
 
 def check_qa_labels(student_fn: Callable) -> None:
     """Exercise 05: ``qa_labels(input_ids, prompt_lengths, attention_mask)``, SFT labels with the prompt masked."""
-    from .m0 import qa_labels
+    from ..train.m0 import qa_labels
 
     generator = torch.Generator().manual_seed(6)
     cases = []
@@ -259,7 +259,7 @@ def check_fsq_quantize(student_fn: Callable) -> None:
     Both the codes and the gradient they pass back to ``z`` are compared: a plain ``round()`` gives the right
     codes but a zero gradient, so the encoder in front of it would never learn.
     """
-    from .speech_tokenizer import fsq_quantize
+    from ..fsq import fsq_quantize
 
     generator = torch.Generator().manual_seed(3)
     cases = [(torch.zeros(2, 3), [3, 3, 3]),                                   # 0 stays on level 0
@@ -302,7 +302,7 @@ __all__ += ["check_rms_norm", "check_apply_rotary"]
 
 def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``fac_mini.llm.RMSNorm`` as a function of (x, weight, eps)."""
-    from .llm import RMSNorm
+    from ..llm import RMSNorm
 
     norm = RMSNorm(weight.shape[0], eps)
     with torch.no_grad():
@@ -338,7 +338,7 @@ def check_rms_norm(student_fn: Callable) -> None:
 
 def check_apply_rotary(student_fn: Callable) -> None:
     """Exercise 05.2: ``apply_rotary(x, cos, sin)``, RoPE on head vectors (pairs (i, i + d/2), as in Qwen3)."""
-    from .llm import RotaryEmbedding, apply_rotary
+    from ..llm import RotaryEmbedding, apply_rotary
 
     generator = torch.Generator().manual_seed(8)
     cases = []
@@ -360,7 +360,7 @@ __all__ += ["check_mel_filterbank", "check_window_mask"]
 
 def check_mel_filterbank(student_fn: Callable) -> None:
     """Exercise 02.1: ``mel_filterbank(n_mels, n_fft, sampling_rate)``, Slaney scale and normalisation."""
-    from .audio import mel_filterbank
+    from ..audio import mel_filterbank
 
     cases = [(128, 400, 16000), (80, 400, 16000), (40, 512, 16000), (64, 1024, 22050), (10, 256, 8000),
              (128, 2048, 44100)]
@@ -373,7 +373,7 @@ def check_mel_filterbank(student_fn: Callable) -> None:
 
 def check_window_mask(student_fn: Callable) -> None:
     """Exercise 02.2: ``window_mask(num_frames_50hz, window_50hz)``, the (T, T) block-diagonal boolean mask."""
-    from .encoder import window_attention_mask
+    from ..encoder import window_attention_mask
 
     def reference(num_frames_50hz, window_50hz):
         # 2 * T mel frames make exactly T tokens at 50 Hz (whole windows are even), so the package's
@@ -398,13 +398,13 @@ def _pad_frames(embeddings: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _concat_grouping_reference(embeddings: torch.Tensor, group_size: int, weight: torch.Tensor) -> torch.Tensor:
-    from .grouping import group_frames
+    from ..grouping import group_frames
 
     return torch.nn.functional.linear(group_frames(_pad_frames(embeddings, group_size), group_size), weight)
 
 
 def _mean_grouping_reference(embeddings: torch.Tensor, group_size: int, weight: torch.Tensor) -> torch.Tensor:
-    from .grouping import mean_group
+    from ..grouping import mean_group
 
     return torch.nn.functional.linear(mean_group(_pad_frames(embeddings, group_size), group_size), weight)
 
@@ -444,7 +444,7 @@ __all__ += ["check_align_text_to_groups"]
 
 def check_align_text_to_groups(student_fn: Callable) -> None:
     """Exercise 06.1: ``align_text_to_groups(text_ids, num_groups, sil_id, replace_ids)``, token i <-> group i."""
-    from .model import align_text_to_groups
+    from ..model import align_text_to_groups
 
     generator = torch.Generator().manual_seed(10)
     sil, eos, pad = 7, 2, 0                                                    # the course tokenizer's ids
@@ -483,8 +483,8 @@ class _TieCase(torch.nn.Module):
 
 
 def _tie_cases() -> list[tuple]:
-    from .llm import LLMConfig, Qwen3ForCausalLM
-    from .model import FunAudioChat, FunAudioChatConfig
+    from ..llm import LLMConfig, Qwen3ForCausalLM
+    from ..model import FunAudioChat, FunAudioChatConfig
 
     cases = [_TieCase("tiny FunAudioChat", model=FunAudioChat(FunAudioChatConfig()))]
     tied_lm = LLMConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -511,7 +511,7 @@ def _tie_cases() -> list[tuple]:
 
 def check_tied_parameter_groups(student_fn: Callable) -> None:
     """Exercise 15.1: ``tied_parameter_groups(model)``, the names that share one Parameter, first name first."""
-    from .released import tied_parameter_groups
+    from ..released import tied_parameter_groups
 
     with torch.random.fork_rng(devices=[]):                  # build the cases without touching the caller's RNG
         torch.manual_seed(15)
@@ -530,7 +530,7 @@ __all__ += ["check_ungroup", "check_teacher_forcing_ids"]
 
 def check_ungroup(student_fn: Callable) -> None:
     """Exercise 07.1: ``ungroup(grouped, group_size)``, (B, L, k·H) -> (B, k·L, H) with slice s of p at k·p + s."""
-    from .grouping import ungroup
+    from ..grouping import ungroup
 
     generator = torch.Generator().manual_seed(7)
     cases = [(torch.arange(2 * 3 * 10, dtype=torch.float32).view(2, 3, 10), 5),
@@ -544,7 +544,7 @@ def check_ungroup(student_fn: Callable) -> None:
 
 def check_teacher_forcing_ids(student_fn: Callable) -> None:
     """Exercise 07.2: ``teacher_forcing_ids(speech_labels, group_size, pad_id)`` -> (previous ids, targets)."""
-    from .srh import teacher_forcing_ids
+    from ..srh import teacher_forcing_ids
 
     generator = torch.Generator().manual_seed(8)
     labels = torch.randint(0, 9, (2, 20), generator=generator)

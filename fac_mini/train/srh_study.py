@@ -35,17 +35,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import CACHE_DIR, DATA_DIR
-from .llm import IGNORE_INDEX, LLMConfig, Qwen3Model
-from .model import (DiscreteAudioConfig, DiscreteAudioEncoder, FunAudioChatConfig, build_assistant_labels,
-                    fuse_text_and_speech)
-from .srh import ParallelSpeechHead, SpeechHeadOutput, SpeechRefinedHead, teacher_forcing_ids
-from .train.cli import (RecipeParser, add_eval_flags, add_train_flags, output_folder, positive_float, positive_int,
-                        run_command, write_manifest)
-from .train.loop import TrainConfig, TrainResult, adamw, torch_threads, train
-from .train.seal import refresh_seal
-from .train.store import (atomic_directory, atomic_write, atomic_write_json, check_state_dict, file_sha256, read_json,
-                          read_safetensors, save_safetensors)
+from .. import CACHE_DIR, DATA_DIR
+from ..llm import IGNORE_INDEX, LLMConfig, Qwen3Model
+from ..model import (DiscreteAudioConfig, DiscreteAudioEncoder, FunAudioChatConfig, build_assistant_labels,
+                     fuse_text_and_speech)
+from ..srh import ParallelSpeechHead, SpeechHeadOutput, SpeechRefinedHead, teacher_forcing_ids
+from .cli import (RecipeParser, add_eval_flags, add_train_flags, config_from_flags, output_folder, positive_int,
+                  run_command, shipped_flags, write_manifest)
+from .loop import TrainConfig, TrainResult, adamw, torch_threads, train
+from .seal import refresh_seal
+from .store import (atomic_directory, atomic_write, atomic_write_json, check_state_dict, file_sha256, read_json,
+                    read_safetensors, save_safetensors)
 
 __all__ = [
     "HEADS", "STUDY_DIR", "TRAIN_COMMAND", "StudyConfig", "SpeechStreamLM", "StreamBatch", "corpus_speech_tokens",
@@ -103,7 +103,7 @@ class StudyConfig:
     @property
     def chat_config(self) -> FunAudioChatConfig:
         """The FunAudioChat config whose stream and label rules (``build_assistant_labels``) the study uses."""
-        from .encoder import AudioEncoderConfig
+        from ..encoder import AudioEncoderConfig
 
         return FunAudioChatConfig(audio_config=AudioEncoderConfig(output_dim=self.backbone.hidden_size),
                                   discrete=self.discrete, crq_config=self.crq, text_config=self.backbone)
@@ -132,8 +132,8 @@ def corpus_speech_tokens(split: str, *, tokenizer_dir=None, cache_dir=TOKENS_DIR
     """
     from tqdm.auto import tqdm
 
-    from .corpus import load_corpus, read_manifest as read_corpus_manifest
-    from .speech_tokenizer import SPEECH_TOKENIZER_DIR, load_speech_tokenizer
+    from ..corpus import load_corpus, read_manifest as read_corpus_manifest
+    from ..speech_tokenizer import SPEECH_TOKENIZER_DIR, load_speech_tokenizer
 
     tokenizer_dir = Path(tokenizer_dir or SPEECH_TOKENIZER_DIR)
     digest = file_sha256(tokenizer_dir / "model.safetensors")[:12]
@@ -176,7 +176,7 @@ class StreamBatch:
 def stream_examples(rows: Sequence[dict[str, Any]], config: StudyConfig | None = None,
                     text_tokenizer=None) -> list[StreamBatch]:
     """One unbatched ``StreamBatch`` (tensors without the batch dim) per utterance of ``corpus_speech_tokens``."""
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     config = config or StudyConfig()
     chat = config.chat_config
@@ -504,28 +504,22 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     t = HEAD_TRAIN
     parser = RecipeParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
-    add_train_flags(parser, "srh_study", steps=t.steps)
-    parser.add_argument("--batch-size", type=positive_int, default=t.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=t.lr, help="peak learning rate")
-    parser.add_argument("--seed", type=int, default=t.seed)
+    add_train_flags(parser, "srh_study", t)
     parser.add_argument("--eval-every", type=positive_int, default=t.eval_every,
                         help="steps between dev measurements (the checkpoint with the lowest dev perplexity is kept)")
     args = parser.parse_args(argv)
-    shipped = {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed, "threads": 1,
-               "eval_every": t.eval_every}
-    out = output_folder(parser, args, "srh_study", STUDY_DIR, shipped)
-    train_config = dataclasses.replace(t, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                       eval_every=args.eval_every)
+    out = output_folder(parser, args, "srh_study", STUDY_DIR, shipped_flags(t, eval_every=t.eval_every))
+    run_config = config_from_flags(args, t, eval_every=args.eval_every)
     config = StudyConfig()
     train_set, dev, test = (stream_examples(corpus_speech_tokens(split, progress=True), config)
                             for split in ("train", "dev", "test"))
-    manifest: dict[str, Any] = {"train": train_config.to_dict(), "threads": args.threads,
-                                "seed": train_config.seed, "steps": train_config.steps,
-                                "batch_size": train_config.batch_size, "lr": train_config.lr,
+    manifest: dict[str, Any] = {"train": run_config.to_dict(), "threads": args.threads,
+                                "seed": run_config.seed, "steps": run_config.steps,
+                                "batch_size": run_config.batch_size, "lr": run_config.lr,
                                 "utterances": {"train": len(train_set), "dev": len(dev), "test": len(test)},
                                 "speech_tokenizer_sha256": file_sha256(
                                     DATA_DIR / "speech_tokenizer" / "model.safetensors"), "heads": {}}
-    results = {head: train_head(head, train_set, train_config, config=config, eval_examples=dev,
+    results = {head: train_head(head, train_set, run_config, config=config, eval_examples=dev,
                                 state_dir=args.state_dir, resume=not args.restart, threads=args.threads)
                for head in HEADS}
     with atomic_directory(out) as folder:

@@ -27,7 +27,6 @@ rerun of the same command continues from it, bit for bit.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -38,16 +37,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import DATA_DIR
-from .llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, generate_greedy, llm_config_from_hf
-from .tokenizer import TOKENIZER_DIR, load_tokenizer
-from .train.cli import (RecipeParser, add_eval_flags, add_train_flags, output_folder, positive_float, positive_int,
-                        run_command, write_manifest)
-from .train.loop import TrainConfig, TrainResult, adamw, torch_threads, train
-from .train.seal import refresh_seal
-from .train.store import (atomic_directory, atomic_write_json, check_state_dict, file_sha256, read_json,
-                          read_safetensors, save_safetensors)
-from .world import ATTRIBUTES, VALUES, TextExample, World, build_world
+from .. import DATA_DIR
+from ..llm import IGNORE_INDEX, LLMConfig, Qwen3ForCausalLM, generate_greedy, llm_config_from_hf
+from ..tokenizer import TOKENIZER_DIR, load_tokenizer
+from .cli import (RecipeParser, add_eval_flags, add_train_flags, config_from_flags, output_folder, run_command,
+                  shipped_flags, write_manifest)
+from .loop import TrainConfig, TrainResult, adamw, torch_threads, train
+from .seal import refresh_seal
+from .store import (atomic_directory, atomic_write_json, check_state_dict, file_sha256, read_json, read_safetensors,
+                    save_safetensors)
+from ..world import ATTRIBUTES, VALUES, TextExample, World, build_world
 
 __all__ = [
     "M0_CONFIG", "M0_DIR", "M0_TRAIN", "TRAIN_COMMAND", "chat_prompt", "chat_text", "statement_text",
@@ -419,16 +418,12 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     t = M0_TRAIN
     parser = RecipeParser(prog=TRAIN_COMMAND, description=main_train.__doc__)
-    add_train_flags(parser, "m0", steps=t.steps)
-    parser.add_argument("--batch-size", type=positive_int, default=t.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=t.lr, help="peak learning rate")
-    parser.add_argument("--seed", type=int, default=t.seed)
+    add_train_flags(parser, "m0", t)
     args = parser.parse_args(argv)
-    out = output_folder(parser, args, "m0", M0_DIR, {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
-                                                     "seed": t.seed, "threads": 1})
-    train_config = dataclasses.replace(t, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    out = output_folder(parser, args, "m0", M0_DIR, shipped_flags(t))
+    run_config = config_from_flags(args, t)
     started = time.perf_counter()
-    result = train_m0(M0_CONFIG, train_config, state_dir=args.state_dir, resume=not args.restart,
+    result = train_m0(M0_CONFIG, run_config, state_dir=args.state_dir, resume=not args.restart,
                       threads=args.threads)
     with atomic_directory(out) as folder:
         save_m0(result.model, folder, log=result.log)
@@ -438,7 +433,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
             metrics["heldout_first20"] = evaluate_knowledge(model, tokenizer, "heldout", limit=20)  # the test reruns it
         manifest = write_manifest(
             folder, "m0", run_command(TRAIN_COMMAND, argv), (WEIGHTS_FILE, CONFIG_FILE, LOG_FILE),
-            config=M0_CONFIG.to_dict(), train=train_config.to_dict(), threads=args.threads, run_key=result.run_key,
+            config=M0_CONFIG.to_dict(), train=run_config.to_dict(), threads=args.threads, run_key=result.run_key,
             parameters=sum(p.numel() for p in model.parameters()), train_seconds=result.train_seconds,
             wall_seconds=round(time.perf_counter() - started, 1), final_loss=result.log[-1]["loss"],
             tokenizer_sha256=file_sha256(TOKENIZER_DIR / "tokenizer.json"), metrics=metrics)

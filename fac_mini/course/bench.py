@@ -19,7 +19,7 @@ reported too. The text head is left out of both models (it would favour DRSR fur
 
 Analytic FLOPs (``fac_mini.cost``: 2 FLOPs per parameter per position + causal attention; training = 3 x
 forward) give the predicted ratio at the mini sizes and at the released sizes. Run it with
-``python -m fac_mini bench drsr --json`` (or ``python -m fac_mini.bench drsr --json``).
+``python -m fac_mini bench drsr --json`` (or ``python -m fac_mini.course.bench drsr --json``).
 """
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import BackboneShape, linear_flops
-from .grouping import MeanGrouping, pad_to_multiple
-from .llm import IGNORE_INDEX, LLMConfig, Qwen3Model
-from .constants import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_PAD_ID, TOKEN_RATE_HZ
-from .srh import SpeechRefinedHead
+from ..cost import BackboneShape, linear_flops
+from ..grouping import MeanGrouping, pad_to_multiple
+from ..llm import IGNORE_INDEX, LLMConfig, Qwen3Model
+from ..constants import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_PAD_ID, TOKEN_RATE_HZ
+from ..srh import SpeechRefinedHead
 
 __all__ = ["MINI_BACKBONE", "MINI_SRH", "RELEASED_BACKBONE", "RELEASED_SRH", "shape_of",
            "training_flops", "Baseline25Hz", "DRSRModel", "bench_drsr", "cost_vs_group_size", "main_bench"]

@@ -1,7 +1,7 @@
 """GPU check: the full Fun-Audio-Chat-8B architecture with random bf16 weights, timed on S2T and S2M.
 
-    python -m fac_mini.gpu_check                 # 8B on CUDA: about 19 GB of weights, a few minutes at most
-    python -m fac_mini.gpu_check --tiny          # the same code path on a tiny config, on CPU, in seconds
+    python -m fac_mini.released.gpu_check                 # 8B on CUDA: about 19 GB of weights, a few minutes at most
+    python -m fac_mini.released.gpu_check --tiny          # the same code path on a tiny config, on CPU, in seconds
 
 What it does, in order (one JSON object on stdout; progress on stderr):
 
@@ -48,11 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoder import AudioEncoderConfig
-from .generate import generate_s2m, generate_s2t
-from .model import FunAudioChat, FunAudioChatConfig
+from ..encoder import AudioEncoderConfig
+from ..generate import generate_s2m, generate_s2t
+from ..model import FunAudioChat, FunAudioChatConfig
 from .processing import FunAudioChatProcessor
-from .released import count_parameters
+from .config import count_parameters
 
 __all__ = ["RELEASED_SPECIAL_IDS", "GPUCheckError", "tiny_config", "synthetic_speech", "released_input_ids",
            "build_random_model", "run_gpu_check", "main"]
@@ -174,7 +174,7 @@ def _resolve_device(tiny: bool, device: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GPUCheckError("no CUDA device is available: this check builds the 8B model on an NVIDIA GPU "
                             "(about 19 GB of bf16 weights; a 24 GB card or larger). On a CPU machine run "
-                            "`python -m fac_mini.gpu_check --tiny` (the same code path, tiny config).")
+                            "`python -m fac_mini.released.gpu_check --tiny` (the same code path, tiny config).")
     if device.type not in ("cuda", "cpu"):
         raise GPUCheckError(f"device {device} is not supported; use cuda or cpu (--tiny)")
     if device.type == "cpu" and not tiny:
@@ -190,7 +190,7 @@ def run_gpu_check(tiny: bool = False, device: str | None = None, dtype: str = "b
                   audio_seconds: float = 30.0, audio: str | Path | None = None, s2t_tokens: int = 128,
                   s2m_steps: int = 100, seed: int = 0) -> dict[str, Any]:
     """Build, run S2T and S2M, and return the measurements as a dict (see the module doc for each key)."""
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     if dtype not in _DTYPES:
         raise GPUCheckError(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
@@ -292,9 +292,9 @@ def run_gpu_check(tiny: bool = False, device: str | None = None, dtype: str = "b
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fac_mini.gpu_check [--tiny] [--device D] [--audio-seconds S] [--s2t-tokens N] [--s2m-steps N]``:
+    """``python -m fac_mini.released.gpu_check [--tiny] [--device D] [--audio-seconds S] [--s2t-tokens N] [--s2m-steps N]``:
     print one JSON object; exit 2 (with the reason on stderr) if the check cannot run here."""
-    parser = argparse.ArgumentParser(prog="python -m fac_mini.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fac_mini.released.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config (released ids and vocabularies) on CPU")
     parser.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))

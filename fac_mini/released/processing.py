@@ -51,10 +51,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .constants import GROUP_SIZE, SPEECH_PAD_ID, TOKEN_RATE_HZ
-from .train.store import read_json
-from .audio import (HOP_LENGTH, MIN_SAMPLES, N_FFT, N_MELS, SAMPLE_RATE, _log_mel_padded, as_mono_float,
-                    check_not_silent, load_audio, resample)
+from ..constants import GROUP_SIZE, SPEECH_PAD_ID, TOKEN_RATE_HZ
+from ..train.store import read_json
+from ..audio import (HOP_LENGTH, MIN_SAMPLES, N_FFT, N_MELS, _log_mel_padded, as_mono_float, check_not_silent,
+                     load_audio, resample)
+from ..constants import SAMPLE_RATE
 
 __all__ = [
     "AUDIO_TOKEN", "AUDIO_BOS_TOKEN", "AUDIO_EOS_TOKEN",
