@@ -7,12 +7,12 @@
   m0 train|eval [...]                               train / evaluate the text LLM M0 (data/m0)
   speech-tokenizer train|eval [...]                 train / evaluate the 25 Hz speech tokenizer (data/speech_tokenizer)
   srh train|eval [...]                              the SRH vs parallel head study (data/srh_study)
+  bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
+  bench load [--json] [--size-gb G] [--dtype D]     peak memory and time of load_released on a >= 1 GB checkpoint
 
 Recipes share one flag set (see fac_mini.train.cli): train --out --state-dir --restart --steps --threads --force;
 eval --path --json --threads --limit. A run writes under data/cache/runs/<recipe> unless it is the full shipped
 recipe and --out names the shipped folder.
-  bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
-  bench load [--json] [--size-gb G] [--dtype D]     peak memory and time of load_released on a >= 1 GB checkpoint
 """
 from __future__ import annotations
 
