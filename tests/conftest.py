@@ -16,6 +16,24 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def processor():
+    """The released input pipeline on the course's text tokenizer (test_processing.py defines its own)."""
+    from fac_mini.released.processing import FunAudioChatProcessor
+    from fac_mini.tokenizer import load_tokenizer
+
+    return FunAudioChatProcessor(load_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A default-size mini ``FunAudioChat`` with seeded random weights, in eval mode."""
+    from fac_mini.model import FunAudioChat, FunAudioChatConfig
+
+    torch.manual_seed(0)
+    return FunAudioChat(FunAudioChatConfig()).eval()
+
+
 # With ATEN_CPU_CAPABILITY forcing torch's AVX2 kernels on a CPU with AMX, torch's bf16 attention asks for
 # AMX-packed operands that its AVX2 build cannot make ("pack_vnni2 is only supported when avx512 is supported"):
 # an artefact of the override, not of the course's code. The override is there to check that float32 results do

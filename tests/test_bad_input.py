@@ -36,17 +36,6 @@ def _noise(samples, seed=0, scale=0.1):
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return FunAudioChatProcessor(load_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return FunAudioChat(FunAudioChatConfig()).eval()
-
-
-@pytest.fixture(scope="module")
 def inputs(processor):
     return processor(audio=_noise(8000), task="s2m")                 # 0.5 s: 3 <|AUDIO|> positions
 

@@ -6,9 +6,6 @@ import torch
 
 from fac_mini.generate import (DEFAULT_SP_GEN_KWARGS, generate, generate_s2m, generate_s2t, load_speech_ids,
                                prompt_embeddings, save_speech_ids, speech_ids_for_detokenizer)
-from fac_mini.model import FunAudioChat, FunAudioChatConfig
-from fac_mini.released.processing import FunAudioChatProcessor
-from fac_mini.tokenizer import load_tokenizer
 
 ABOS, AEOS, IM_END, PAD = 4, 5, 2, 0           # course tokenizer ids (the tiny config's defaults)
 SP_BOS, SP_EOS, SP_PAD, K = 6561, 6562, 6563, 5
@@ -16,17 +13,6 @@ GREEDY_S2M = dict(do_sample=False, repetition_penalty=1.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return FunAudioChatProcessor(load_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return FunAudioChat(FunAudioChatConfig()).eval()
 
 
 def _noise(samples, seed=0):
@@ -44,7 +30,7 @@ def inputs(processor):
 @torch.no_grad()
 def _reference_s2m(model, inputs, steps, force_abos=True):
     """Batch-1 greedy interleaved loop with full recomputation of the LLM and of the SRH at every (sub-)step."""
-    config, head = model.config, model.audio_invert_tower
+    head = model.audio_invert_tower
     embed = model.language_model.model.embed_tokens
     ids = inputs["input_ids"].clone()                                                   # (1, L)
     lm_inputs = [model(**inputs).inputs_embeds]                                         # prompt (1, L, H)

@@ -1,32 +1,18 @@
 """fac_mini.generate against greedy generations recorded from the official implementation on the tiny checkpoint
 (tests/fixtures/released_tiny/generate_expected.json; how it was made: the fixture README)."""
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from released_tiny import BATCHES, FIXTURE
 
 from fac_mini.generate import generate_s2m, generate_s2t
 from fac_mini.released import load_released
 
-FIXTURE = Path(__file__).parent / "fixtures" / "released_tiny"
 GOLDEN = json.loads((FIXTURE / "generate_expected.json").read_text())
 CASES = GOLDEN["cases"]
 BATCH_ONE = ["s2m_greedy", "s2m_greedy_penalty", "s2m_greedy_redraw", "s2t_greedy"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _batches() -> dict[str, dict[str, torch.Tensor]]:
-    batches: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(FIXTURE / "inputs.safetensors")).items():
-        name, argument = key.split(".", 1)
-        batches.setdefault(name, {})[argument] = value
-    return batches
-
-
-BATCHES = _batches()
 
 
 @pytest.fixture(scope="module")

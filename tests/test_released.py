@@ -8,26 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from released_tiny import BATCHES, CHECKPOINT, FIXTURE
+
 from fac_mini.model import FunAudioChat, FunAudioChatConfig
 from fac_mini.released import (INDEX_NAME, RELEASED_UNCONFIRMED, SINGLE_FILE_NAME, build_on_meta, count_parameters,
                                load_released, parse_size, released_config, save_released)
 from fac_mini.released.load_benchmark import bench_load
 
-FIXTURE = Path(__file__).parent / "fixtures" / "released_tiny"
-CHECKPOINT = FIXTURE / "checkpoint"
 TIED = ("audio_tower.embed_tokens.weight", "audio_invert_tower.lm_head.weight")
 LOGITS_TOLERANCE, LOSS_TOLERANCE = 1e-4, 1e-5
 
 
-def _batches() -> dict[str, dict[str, torch.Tensor]]:
-    batches: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(FIXTURE / "inputs.safetensors")).items():
-        name, argument = key.split(".", 1)
-        batches.setdefault(name, {})[argument] = value
-    return batches
-
-
-BATCHES = _batches()
 EXPECTED = load_file(str(FIXTURE / "expected.safetensors"))
 
 
