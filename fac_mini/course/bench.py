@@ -29,7 +29,6 @@ import math
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from typing import Any, Iterable
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 from ..cost import BackboneShape, linear_flops
 from ..grouping import MeanGrouping, pad_to_multiple
 from ..llm import IGNORE_INDEX, LLMConfig, Qwen3Model
+from ..train.loop import torch_threads
 from ..constants import CODEBOOK_SIZE, GROUP_SIZE, SPEECH_BOS_ID, SPEECH_PAD_ID, TOKEN_RATE_HZ
 from ..srh import SpeechRefinedHead
 
@@ -165,18 +165,6 @@ def _timed_steps(models: dict[str, nn.Module], speech_ids: torch.Tensor, repeats
     return times
 
 
-@contextmanager
-def _num_threads(threads: int | None):
-    """Run with ``torch.set_num_threads(threads)`` (None: leave as is); restore the previous count after."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 def _parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -203,7 +191,7 @@ def bench_drsr(seconds: float = 16.0, batch: int = 1, repeats: int = 3, warmup: 
     speech_ids = torch.randint(0, SPEECH_BOS_ID, (batch, speech_tokens), generator=generator)   # S3 codes only
     models = {"baseline": Baseline25Hz(backbone).train(),
               "drsr": DRSRModel(backbone, srh, group_size=group_size).train()}
-    with _num_threads(threads) as used_threads:
+    with torch_threads(threads) as used_threads:
         times = _timed_steps(models, speech_ids, repeats, warmup)
     baseline, drsr = (statistics.median(times[name]["step"]) for name in ("baseline", "drsr"))
     baseline_fwd_bwd, drsr_fwd_bwd = (statistics.median(times[name]["fwd_bwd"]) for name in ("baseline", "drsr"))
@@ -258,7 +246,7 @@ def cost_vs_group_size(group_sizes: Iterable[int] = range(1, 11), seconds: float
         if measure:
             torch.manual_seed(seed)
             model = Baseline25Hz(backbone) if k == 1 else DRSRModel(backbone, srh, group_size=k)
-            with _num_threads(threads):
+            with torch_threads(threads):
                 times = _timed_steps({"model": model.train()}, speech_ids, repeats, warmup)["model"]["step"]
             row["step_s"] = statistics.median(times)
         rows.append(row)

@@ -152,10 +152,7 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
         raise ValueError("select needs an evaluate function")
     if stop_after is not None and stop_after <= 0:
         raise ValueError(f"stop_after must be positive, got {stop_after}")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         key = run_key(config, recipe.fingerprint(), torch.get_num_threads())
         state_path = None if state_dir is None else Path(state_dir) / f"{recipe.name}-{key}.pt"
         set_seed(config.seed)                          # the initial weights come from the global RNG
@@ -212,8 +209,6 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
                 save_state()
         bar.close()
         elapsed += time.perf_counter() - started
-    finally:
-        torch.set_num_threads(previous_threads)
     best_step = None
     if step == config.steps and best is not None:
         model.load_state_dict(best[2])
@@ -223,12 +218,13 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with ``torch.set_num_threads(threads)`` (None: leave the setting), restored afterwards."""
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run a block with ``torch.set_num_threads(threads)`` (None: leave the setting), restored afterwards; the
+    block receives the thread count in use."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        yield
+        yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
