@@ -9,6 +9,11 @@
   srh train|eval [...]                              the SRH vs parallel head study (data/srh_study)
   bench drsr [--json] [...]                         time a training step: 25 Hz baseline vs 5 Hz DRSR
   bench load [--json] [--size-gb G] [--dtype D]     peak memory and time of load_released on a >= 1 GB checkpoint
+  vocoder train|eval [...]                          the mel -> waveform vocoder (data/vocoder)
+  flow train|eval [...]                             the speech ids -> mel flow-matching detokenizer (data/flow)
+  prealign train|eval [...]                         pre-alignment of the mini Fun-Audio-Chat, LLM frozen (data/prealign)
+  cocktail train|eval [...]                         Core-Cocktail: stage 1, merge, stage 2 and baselines (data/cocktail)
+  scale dry-run [--json]                            2-process FSDP2 training step over gloo vs a 1-process reference
 
 Recipes share one flag set (see fac_mini.train.cli): train --out --state-dir --restart --steps --threads --force;
 eval --path --json --threads --limit. A run writes under data/cache/runs/<recipe> unless it is the full shipped
@@ -97,6 +102,14 @@ DELEGATED = {
             "eval": ("fac_mini.train.srh_study", "main_eval", False)},
     "bench": {"drsr": ("fac_mini.course.bench", "main_bench", True),
               "load": ("fac_mini.released.load_benchmark", "main_bench_load", False)},
+    "vocoder": {"train": ("fac_mini.train.vocoder", "main_train", False),
+                "eval": ("fac_mini.train.vocoder", "main_eval", False)},
+    "flow": {"train": ("fac_mini.train.flow", "main_train", False), "eval": ("fac_mini.train.flow", "main_eval", False)},
+    "prealign": {"train": ("fac_mini.train.prealign", "main_train", False),
+                 "eval": ("fac_mini.train.prealign", "main_eval", False)},
+    "cocktail": {"train": ("fac_mini.train.cocktail", "main_train", False),
+                 "eval": ("fac_mini.train.cocktail", "main_eval", False)},
+    "scale": {"dry-run": ("fac_mini.scale.dry_run", "main_dry_run", False)},
 }
 
 

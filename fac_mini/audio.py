@@ -31,6 +31,8 @@ from .constants import SAMPLE_RATE
 __all__ = [
     "N_FFT", "HOP_LENGTH", "N_MELS", "MIN_SAMPLES", "MAX_FLOAT_PEAK",
     "as_mono_float", "check_not_silent", "resample", "load_audio", "mel_filterbank", "log_mel", "log_mel_batch",
+    "VOCODER_N_FFT", "VOCODER_HOP", "VOCODER_N_MELS", "MEL_RATE_HZ", "MEL_FLOOR", "vocoder_mel", "vocoder_mel_padded",
+    "vocoder_frames",
 ]
 
 N_FFT = 400           # 25 ms analysis window
@@ -38,6 +40,14 @@ HOP_LENGTH = 160      # 10 ms hop -> 100 mel frames per second
 N_MELS = 128          # Whisper-large-v3 uses 128 mel bins
 MIN_SAMPLES = SAMPLE_RATE // 25  # one 25 Hz speech-token frame (40 ms): anything shorter carries no token
 MAX_FLOAT_PEAK = 2.0  # float audio louder than this is not in [-1, 1] (e.g. int16 PCM values stored as floats)
+
+# The detokenizer's mel (what the flow predicts and the vocoder reads), CosyVoice's recipe at 16 kHz: 80 bins,
+# magnitude (not power), natural log with a floor, 50 frames per second = 2 per 25 Hz speech token.
+VOCODER_N_FFT = 1280  # 80 ms window = 4 hops, as Vocos and HiFT use
+VOCODER_HOP = 320     # 20 ms hop -> 50 mel frames per second
+VOCODER_N_MELS = 80
+MEL_RATE_HZ = SAMPLE_RATE // VOCODER_HOP
+MEL_FLOOR = 1e-5      # log(1e-5) = -11.5: the value of digital silence
 
 
 def as_mono_float(wave, *, name: str = "wave", allow_silent: bool = True) -> np.ndarray:
@@ -236,3 +246,40 @@ def log_mel_batch(waves, sampling_rate: int = SAMPLE_RATE,
     valid = torch.tensor([math.ceil(array.size / HOP_LENGTH) for array in arrays])
     frames_mask = torch.arange(frames)[None, :] < valid[:, None]
     return features, frames_mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The detokenizer's 80-bin mel (flow target, vocoder input)
+# ----------------------------------------------------------------------------------------------------------
+def vocoder_frames(num_samples: int) -> int:
+    """Mel frames of a clip of ``num_samples`` samples: ``num_samples // 320 + 1`` (centred STFT, 50 per second)."""
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    return num_samples // VOCODER_HOP + 1
+
+
+def vocoder_mel_padded(batch: torch.Tensor) -> torch.Tensor:
+    """The detokenizer's log-mel of padded 16 kHz audio: ``(batch, samples)`` -> ``(batch, 80, samples // 320 + 1)``.
+
+    ``log(max(M·|STFT|, 1e-5))`` with a centred 1280-point Hann STFT, hop 320, and 80 Slaney filters up to 8 kHz
+    (the same filters as ``librosa.filters.mel``): the input of Griffin-Lim (``librosa.feature.inverse.mel_to_audio``
+    with ``power=1``) and of the learnt vocoders. Differentiable (the vocoders' mel loss uses it).
+    """
+    window = torch.hann_window(VOCODER_N_FFT, device=batch.device, dtype=batch.dtype)
+    stft = torch.stft(batch, VOCODER_N_FFT, VOCODER_HOP, window=window, center=True, pad_mode="reflect",
+                      return_complex=True)                                   # (B, 641, frames)
+    magnitude = stft.abs()
+    key = (VOCODER_N_MELS, VOCODER_N_FFT, SAMPLE_RATE)
+    if key not in _FILTERS:
+        _FILTERS[key] = mel_filterbank(VOCODER_N_MELS, VOCODER_N_FFT, SAMPLE_RATE)
+    mel = _FILTERS[key].to(batch.device, batch.dtype) @ magnitude                   # (B, 80, frames)
+    return torch.clamp(mel, min=MEL_FLOOR).log()
+
+
+def vocoder_mel(wave, sampling_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """The detokenizer's log-mel of one mono clip: ``(80, frames)`` with ``frames = samples // 320 + 1`` (50 Hz).
+
+    Validated and resampled like ``log_mel`` (``ValueError`` on empty, NaN, silent, too-short or out-of-range audio).
+    """
+    array = _prepare(wave, sampling_rate, "wave")
+    return vocoder_mel_padded(torch.from_numpy(array)[None])[0]
