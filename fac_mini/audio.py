@@ -279,7 +279,11 @@ def vocoder_mel_padded(batch: torch.Tensor) -> torch.Tensor:
 def vocoder_mel(wave, sampling_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """The detokenizer's log-mel of one mono clip: ``(80, frames)`` with ``frames = samples // 320 + 1`` (50 Hz).
 
-    Validated and resampled like ``log_mel`` (``ValueError`` on empty, NaN, silent, too-short or out-of-range audio).
+    Validated and resampled like ``log_mel`` (``ValueError`` on empty, NaN, silent, too-short — at most 640 samples —
+    or out-of-range audio).
     """
     array = _prepare(wave, sampling_rate, "wave")
+    if array.size <= VOCODER_N_FFT // 2:
+        raise ValueError(f"wave is too short: {array.size} samples at 16 kHz; the detokenizer's mel needs more than "
+                         f"{VOCODER_N_FFT // 2} (40 ms, half its 1280-point window) to centre its first window")
     return vocoder_mel_padded(torch.from_numpy(array)[None])[0]

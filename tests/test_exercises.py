@@ -434,8 +434,15 @@ def test_every_exercise_has_its_mistakes():
     assert not few, f"list every mistake the notebook warns about, not one: {few}"
 
 
-@pytest.mark.parametrize("check_name, mistake, wrong, says", list(_mistakes()),
-                         ids=[f"{name}:{mistake}" for name, mistake, _, _ in _mistakes()])
+def pytest_generate_tests(metafunc):
+    """Parametrize test_mistake_fails_its_check at collection time, after the whole module ran: the MISTAKES.update
+    blocks below (one per notebook's exercises) are then included."""
+    if metafunc.function.__name__ == "test_mistake_fails_its_check":
+        entries = list(_mistakes())
+        metafunc.parametrize("check_name, mistake, wrong, says", entries,
+                             ids=[f"{name}:{mistake}" for name, mistake, _, _ in entries])
+
+
 def test_mistake_fails_its_check(check_name, mistake, wrong, says, capsys):
     assert getattr(checks, check_name)(wrong) is None
     out = capsys.readouterr().out
@@ -519,3 +526,151 @@ def test_write_and_check_detect_drift(tmp_path):
     with pytest.raises(ValueError, match="must be named NN_name.ipynb"):
         (solutions / "demo.ipynb").write_text("{}")
         check_notebooks(solutions, notebooks)
+
+
+# --- notebook 09: flow matching ----------------------------------------------------------------------------
+def _flow_path(x0, x1, t, sigma_min, *, sigma_in_path=True, sigma_in_target=True, swapped=False,
+               target_from_path=False, broadcast=True):
+    if swapped:
+        x0, x1 = x1, x0
+    t = torch.as_tensor(t, dtype=x0.dtype)
+    if broadcast:
+        t = t.reshape(*t.shape, *([1] * (x0.dim() - t.dim())))
+    else:
+        t = t[:, None] if t.dim() else t
+    path_sigma, target_sigma = (sigma_min if sigma_in_path else 0.0), (sigma_min if sigma_in_target else 0.0)
+    x_t = (1 - (1 - path_sigma) * t) * x0 + t * x1
+    u_t = x1 - x_t if target_from_path else x1 - (1 - target_sigma) * x0
+    return x_t, u_t
+
+
+def _flow_path_in_place(x0, x1, t, sigma_min):                       # x0 scaled in place
+    t = torch.as_tensor(t, dtype=x0.dtype)
+    t = t.reshape(*t.shape, *([1] * (x0.dim() - t.dim())))
+    u_t = x1 - (1 - sigma_min) * x0
+    return x0.mul_(1 - (1 - sigma_min) * t).add_(t * x1), u_t
+
+
+def _guided_euler(velocity, x0, time_span, guidance, *, mix="cfg", at="start", uniform=False, steps=None):
+    x, pairs = x0, list(zip(time_span[:-1], time_span[1:]))
+    for t0, t1 in pairs[:steps]:
+        v_cond, v_uncond = velocity(x, t1 if at == "end" else t0)
+        v = {"cfg": (1 + guidance) * v_cond - guidance * v_uncond,
+             "interpolation": guidance * v_cond + (1 - guidance) * v_uncond,
+             "sign flipped": (1 - guidance) * v_cond + guidance * v_uncond,
+             "no guidance": v_cond}[mix]
+        x = x + ((time_span[-1] - time_span[0]) / len(pairs) if uniform else t1 - t0) * v
+    return x
+
+
+def _guided_euler_in_place(velocity, x0, time_span, guidance):      # x += ... changes the caller's noise
+    x = x0
+    for t0, t1 in zip(time_span[:-1], time_span[1:]):
+        v_cond, v_uncond = velocity(x, t0)
+        x += (t1 - t0) * ((1 + guidance) * v_cond - guidance * v_uncond)
+    return x
+
+
+MISTAKES.update({
+    "check_conditional_flow": {
+        "sigma_min left out of the path": (partial(_flow_path, sigma_in_path=False), "x_t"),
+        "sigma_min left out of the target": (partial(_flow_path, sigma_in_target=False), "u_t"),
+        "x0 and x1 swapped (t = 0 at the data)": partial(_flow_path, swapped=True),
+        "target x1 - x_t (depends on t)": (partial(_flow_path, target_from_path=True), "u_t"),
+        "t given one trailing axis only, t[:, None]": partial(_flow_path, broadcast=False),
+        "x0 changed in place": (_flow_path_in_place, "in place"),
+    },
+    "check_guided_euler": {
+        "guidance as interpolation g·v_cond + (1 - g)·v_uncond": partial(_guided_euler, mix="interpolation"),
+        "guidance sign flipped (1 - g)·v_cond + g·v_uncond": partial(_guided_euler, mix="sign flipped"),
+        "no guidance (v_cond only)": partial(_guided_euler, mix="no guidance"),
+        "velocity read at the end of the step (t1)": partial(_guided_euler, at="end"),
+        "equal steps instead of the span's differences": partial(_guided_euler, uniform=True),
+        "only the first step": partial(_guided_euler, steps=1),
+        "x0 changed in place (x += ...)": (_guided_euler_in_place, "in place"),
+    },
+})
+
+
+# --- notebook 10: overlap-add (the inverse STFT of the iSTFT head) -----------------------------------------
+def _overlap_add_mistake(kind):
+    def overlap_add(spectrum, n_fft, hop_length, window):
+        if kind == "ifft of the half spectrum, real part":
+            frames = torch.fft.ifft(spectrum, dim=1).real                             # n_fft // 2 + 1 samples
+            n_fft = frames.shape[1]
+            window = window[:n_fft]
+        else:
+            frames = torch.fft.irfft(spectrum, n=n_fft, dim=1)                       # (batch, n_fft, frames)
+        if kind != "no synthesis window":
+            frames = frames * window[:, None]
+        count = frames.shape[-1]
+        length = n_fft + (count - 1) * hop_length
+        wave, envelope = frames.new_zeros(frames.shape[0], length), frames.new_zeros(length)
+        weight = {"divided by the sum of the window, not of its square": window}.get(kind, window ** 2)
+        for j in range(count):
+            wave[:, j * hop_length: j * hop_length + n_fft] += frames[:, :, j]
+            envelope[j * hop_length: j * hop_length + n_fft] += weight
+        if kind == "no division by the window envelope":
+            envelope = torch.ones_like(envelope)
+        start = {"centring pad not cut (starts at sample 0)": 0}.get(kind, n_fft // 2)
+        end = start + (count - 1) * hop_length
+        if kind == "padding kept (full length)":
+            start, end = 0, length
+        return wave[:, start:end] / envelope[start:end]
+    return overlap_add
+
+
+MISTAKES.update({
+    "check_overlap_add": {kind: _overlap_add_mistake(kind) for kind in (
+        "no division by the window envelope", "divided by the sum of the window, not of its square",
+        "no synthesis window", "centring pad not cut (starts at sample 0)", "padding kept (full length)",
+        "ifft of the half spectrum, real part")},
+})
+
+
+MISTAKES.update({
+    "check_lora_linear": {
+        "scaled by alpha, not alpha / r": lambda x, w, a, b, alpha: x @ w.T + alpha * ((x @ a.T) @ b.T),
+        "scaled by r / alpha": lambda x, w, a, b, alpha: x @ w.T + (a.shape[0] / alpha) * ((x @ a.T) @ b.T),
+        "the frozen path left out": lambda x, w, a, b, alpha: (alpha / a.shape[0]) * ((x @ a.T) @ b.T),
+        "no scaling": lambda x, w, a, b, alpha: x @ w.T + (x @ a.T) @ b.T,
+    },
+    "check_zero2_state_bytes": {
+        "ZeRO-3 (weights partitioned too)": lambda psi, n: 16 * psi / n,
+        "ZeRO-1 (gradients not partitioned)": lambda psi, n: 4 * psi + 12 * psi / n,
+        "gradients forgotten": lambda psi, n: 2 * psi + 12 * psi / n,
+        "DDP (nothing partitioned)": lambda psi, n: 16 * psi,
+    },
+})
+
+
+def _merge_mistake(kind):
+    def merge(stage1_state, base_state, alpha):
+        if kind == "stage-1 state modified in place":
+            for name, tensor in stage1_state.items():
+                if name in base_state:
+                    tensor.mul_(alpha).add_((1 - alpha) * base_state[name])
+            return stage1_state
+        merged = {}
+        for name, tuned in stage1_state.items():
+            if name not in base_state:
+                if kind == "tensors the base lacks dropped":
+                    continue
+                merged[name] = alpha * tuned if kind == "tensors the base lacks scaled by alpha" else tuned.clone()
+                continue
+            a = 1 - alpha if kind == "alpha and 1 - alpha swapped" else alpha
+            value = a * tuned.float() + (1 - a) * base_state[name].float()
+            merged[name] = value if kind == "dtype not kept (float32 result)" else value.to(tuned.dtype)
+        return merged
+    return merge
+
+
+MISTAKES.update({
+    "check_core_cocktail_merge": {
+        "alpha and 1 - alpha swapped": _merge_mistake("alpha and 1 - alpha swapped"),
+        "tensors the base lacks dropped": (_merge_mistake("tensors the base lacks dropped"), "names"),
+        "tensors the base lacks scaled by alpha": _merge_mistake("tensors the base lacks scaled by alpha"),
+        "dtype not kept (float32 result)": (_merge_mistake("dtype not kept (float32 result)"), "dtypes"),
+        "stage-1 state modified in place": (_merge_mistake("stage-1 state modified in place"), "in place"),
+    },
+})

@@ -556,3 +556,178 @@ def check_teacher_forcing_ids(student_fn: Callable) -> None:
               hint="25 Hz position j predicts label j + k (token s of the NEXT group) and adds the embedding of "
                    "label j + k − 1, the token just before it: previous = labels (-100 -> pad_id) rolled by "
                    "−(k − 1) along time; targets = labels shifted left by k with the last k set to -100.")
+
+
+# --- notebook 09: flow matching (the CFM path and target, Euler steps with classifier-free guidance) ------
+__all__ += ["check_conditional_flow", "check_guided_euler"]
+
+
+def check_conditional_flow(student_fn: Callable) -> None:
+    """Exercise 09.1: ``conditional_flow(x0, x1, t, sigma_min)`` -> (x_t, u_t), CosyVoice's CFM path and target."""
+    from ..flow import conditional_flow
+
+    generator = torch.Generator().manual_seed(9)
+    cases = []
+    for shape, sigma_min in (((4, 2), 0.0), ((3, 6, 5), 1e-6), ((2, 7, 80), 0.1), ((5, 3), 0.3)):
+        x0, x1 = torch.randn(*shape, generator=generator), 3 + torch.randn(*shape, generator=generator)
+        cases.append((x0, x1, torch.rand(shape[0], generator=generator), sigma_min))
+    x0, x1 = torch.randn(2, 4, 3, generator=generator), torch.randn(2, 4, 3, generator=generator)
+    cases += [(x0, x1, torch.tensor([0.0, 1.0]), 0.2),             # the two ends of the path
+              (x0, x1, 0.25, 0.1)]                                  # one number for the whole batch
+    run_check("conditional_flow", _unmodified(student_fn), conditional_flow, cases, names=("x_t", "u_t"),
+              hint="x_t = (1 − (1 − sigma_min)·t)·x0 + t·x1 and u_t = x1 − (1 − sigma_min)·x0 (the time derivative "
+                   "of x_t: it does not depend on t). t is a number or one time per example, shape (batch,): "
+                   "make it a tensor (torch.as_tensor) and give it trailing axes of size 1, "
+                   "t.reshape(-1, *[1] * (x0.dim() - 1)), so that it broadcasts over frames and bins.")
+
+
+class _ToyVelocity:
+    """A velocity field for :func:`check_guided_euler`: ``(x, t) -> (v_cond, v_uncond)``, non-linear in x and
+    dependent on t, so that evaluating it at the wrong point or time changes the result."""
+
+    def __init__(self, seed: int, dim: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.weight = torch.randn(dim, dim, generator=generator) / dim ** 0.5
+        self.bias = torch.randn(dim, generator=generator)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tanh(x @ self.weight) + 2 * t * self.bias, -0.5 * x + torch.cos(3 * t)
+
+    def __repr__(self) -> str:
+        return f"toy_velocity(seed={self.seed})"
+
+
+def _guided_euler_reference(velocity: Callable, x0: torch.Tensor, time_span: torch.Tensor,
+                            guidance: float) -> torch.Tensor:
+    from ..flow import euler_solve, guided_velocity
+
+    return euler_solve(lambda x, t: guided_velocity(*velocity(x, t), guidance), x0, time_span)
+
+
+def check_guided_euler(student_fn: Callable) -> None:
+    """Exercise 09.2: ``guided_euler(velocity, x0, time_span, guidance)``: Euler steps over ``time_span`` with the
+    classifier-free-guided velocity ``(1 + g)·v_cond − g·v_uncond``, ``velocity(x, t) -> (v_cond, v_uncond)``."""
+    from ..flow import cosine_time_span
+
+    generator = torch.Generator().manual_seed(10)
+    cases = [(_ToyVelocity(1, 3), torch.randn(2, 5, 3, generator=generator), cosine_time_span(10), 0.7),
+             (_ToyVelocity(2, 4), torch.randn(1, 6, 4, generator=generator), cosine_time_span(3), 1.5),
+             (_ToyVelocity(3, 2), torch.randn(8, 2, generator=generator), cosine_time_span(1), 0.7),
+             (_ToyVelocity(4, 3), torch.randn(2, 4, 3, generator=generator), torch.tensor([0.0, 0.5, 0.6, 1.0]), 0.0),
+             (_ToyVelocity(5, 3), torch.randn(3, 3, generator=generator), torch.tensor([0.2, 0.3, 0.7, 1.0]), 2.0)]
+    run_check("guided_euler", _unmodified(student_fn), _guided_euler_reference, cases, atol=1e-5, rtol=1e-5,
+              hint="start at x = x0; for each pair of neighbours (t0, t1) of time_span, call velocity(x, t0) at "
+                   "the START of the step, mix v = (1 + guidance)·v_cond − guidance·v_uncond, and step "
+                   "x = x + (t1 − t0)·v (the cosine span's steps are not equal: use its differences). Return the "
+                   "last x; do not change x0 in place (x = x + ..., not x += ...).")
+
+
+# --- notebook 10: the vocoder (overlap-add, the inverse STFT of the iSTFT head) ---------------------------
+__all__ += ["check_overlap_add"]
+
+
+def check_overlap_add(student_fn: Callable) -> None:
+    """Exercise 10.1: ``overlap_add(spectrum, n_fft, hop_length, window)``, the centred inverse STFT from scratch:
+    ``(batch, n_fft // 2 + 1, frames)`` complex -> ``(batch, (frames - 1) · hop_length)``, equal to
+    ``torch.istft(spectrum, n_fft, hop_length, window=window, center=True)``."""
+    def reference(spectrum, n_fft, hop_length, window):
+        return torch.istft(spectrum, n_fft, hop_length, window=window, center=True)
+
+    generator = torch.Generator().manual_seed(10)
+    cases = []
+    for batch, n_fft, hop, frames, window in (
+            (1, 16, 4, 5, torch.hann_window(16)),
+            (2, 64, 16, 12, torch.hann_window(64)),
+            (1, 32, 8, 9, torch.hann_window(32) ** 0.5),               # another window: the envelope is not 1.5
+            (2, 48, 24, 7, torch.hamming_window(48)),                  # 50 % overlap, a window that is never 0
+            (3, 1280, 320, 10, torch.hann_window(1280))):              # the vocoders' own STFT
+        spectrum = torch.complex(torch.randn(batch, n_fft // 2 + 1, frames, generator=generator),
+                                 torch.randn(batch, n_fft // 2 + 1, frames, generator=generator))
+        cases.append((spectrum, n_fft, hop, window))
+    signal = torch.randn(2, 320 * 12, generator=generator) * 0.1       # a true STFT: istft must give the signal back
+    window = torch.hann_window(1280)
+    cases.append((torch.stft(signal, 1280, 320, window=window, center=True, return_complex=True), 1280, 320, window))
+    run_check("overlap_add", _unmodified(student_fn), reference, cases, atol=1e-5, rtol=1e-4,
+              hint="per frame j: irfft the column to n_fft samples, multiply by the window, add it into the output "
+                   "at sample j·hop_length; add window² at the same place into an envelope; divide the sum by the "
+                   "envelope (not by the window itself, nor its sum); finally cut n_fft // 2 samples from the start "
+                   "(the centring pad) and keep (frames - 1)·hop_length samples.")
+
+
+# --- notebook 14: full scale (the LoRA forward, the ZeRO-2 memory formula) --------------------------------
+__all__ += ["check_lora_linear", "check_zero2_state_bytes"]
+
+
+def check_lora_linear(student_fn: Callable) -> None:
+    """Exercise 14.1: ``lora_linear(x, weight, lora_a, lora_b, alpha)`` -> x W^T + (alpha / r)·(x A^T) B^T."""
+    from ..scale.lora import lora_linear
+
+    generator = torch.Generator().manual_seed(14)
+
+    def case(batch: tuple[int, ...], d_in: int, d_out: int, rank: int, alpha: float) -> tuple:
+        return (torch.randn(*batch, d_in, generator=generator), torch.randn(d_out, d_in, generator=generator),
+                torch.randn(rank, d_in, generator=generator), torch.randn(d_out, rank, generator=generator), alpha)
+
+    cases = [case((3,), 8, 5, 2, 4.0), case((2, 4), 16, 16, 4, 8.0), case((1, 1), 6, 10, 1, 1.0),
+             case((2, 3), 12, 7, 3, 5.0), case((5,), 8, 8, 8, 32.0)]
+    run_check("lora_linear", student_fn, lora_linear, cases, atol=1e-5, rtol=1e-5,
+              hint="keep the frozen path x W^T and add the low-rank path scaled by alpha / r, where r is the rank "
+                   "(the first dimension of lora_a): first x A^T (..., r), then times B^T (..., d_out).")
+
+
+def check_zero2_state_bytes(student_fn: Callable) -> None:
+    """Exercise 14.2: ``zero2_state_bytes(parameters, ranks)``, bytes of weights, gradients and AdamW state per GPU."""
+    from ..scale.memory import state_bytes_per_rank
+
+    cases = [(9_424_000_000, 4), (7_500_000_000, 64), (1_000, 1), (8_000, 8), (123_456_789, 3)]
+    run_check("zero2_state_bytes", student_fn, lambda psi, n: state_bytes_per_rank("zero2", psi, n), cases,
+              rtol=1e-9, atol=0.5,
+              hint="ZeRO-2 keeps the 2-byte bf16 weights whole on every GPU, but partitions the 2-byte bf16 "
+                   "gradients and the 12 bytes of fp32 master weight, Adam m and v: 2·Ψ + (2 + 12)·Ψ / N.")
+
+
+# --- notebook 11: Core-Cocktail ------------------------------------------------------------------------------
+__all__ += ["check_core_cocktail_merge"]
+
+
+def _merge_cases() -> list[tuple]:
+    """State dicts shaped like the mini model's: LLM tensors (one float16) that the base has, and tensors the base
+    lacks (speech table, SRH); every α of the sweep."""
+    generator = torch.Generator().manual_seed(11)
+    stage1 = {"language_model.model.layers.0.mlp.up_proj.weight": torch.randn(4, 3, generator=generator),
+              "language_model.model.norm.weight": (1 + torch.randn(3, generator=generator)).half(),
+              "audio_tower.embed_tokens.weight": torch.randn(5, 3, generator=generator),
+              "audio_invert_tower.pre_matching.weight": torch.randn(6, 3, generator=generator)}
+    base = {"language_model.model.layers.0.mlp.up_proj.weight": torch.randn(4, 3, generator=generator),
+            "language_model.model.norm.weight": (1 + torch.randn(3, generator=generator)).half()}
+    return [(stage1, base, alpha) for alpha in (0.0, 0.25, 0.5, 0.75, 1.0)]
+
+
+def _merge_outputs(merge_fn: Callable) -> Callable:
+    """Call ``merge_fn``; a changed input is an error; a dict result becomes (names, dtypes, tensors) in name order."""
+    def run(stage1_state, base_state, alpha):
+        before = {side + name: tensor.clone() for side, states in (("stage1:", stage1_state), ("base:", base_state))
+                  for name, tensor in states.items()}
+        merged = merge_fn(stage1_state, base_state, alpha)
+        for side, states in (("stage1:", stage1_state), ("base:", base_state)):
+            for name, tensor in states.items():
+                if not torch.equal(tensor, before[side + name]):
+                    raise ValueError(f"your function modified the input {side[:-1]}_state[{name!r}] in place; "
+                                     "build new tensors")
+        if not isinstance(merged, dict):
+            return merged
+        names = sorted(merged)
+        return names, [str(merged[name].dtype) for name in names], [merged[name] for name in names]
+    return run
+
+
+def check_core_cocktail_merge(student_fn: Callable) -> None:
+    """Exercise 11.1: ``merge(stage1_state, base_state, alpha)``, eq. (7) on state dicts (``fac_mini.merging``)."""
+    from ..merging import core_cocktail_merge
+
+    run_check("merge", _merge_outputs(student_fn), _merge_outputs(core_cocktail_merge), _merge_cases(),
+              names=("names (every tensor of the Stage-1 model)", "dtypes", "tensors"),
+              hint="α·stage1 + (1 − α)·base for every name the base has (compute in float32, cast back to the "
+                   "Stage-1 dtype); a copy of the Stage-1 tensor for every name it lacks (encoder, speech table, "
+                   "SRH); α = 1 is the Stage-1 model, α = 0 puts M0's LLM back; never change the inputs.")

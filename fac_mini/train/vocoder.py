@@ -39,8 +39,8 @@ __all__ = ["VOCOS_TRAIN", "HIFIGAN_TRAIN", "HIFIGAN_DIR", "SEGMENT_SAMPLES", "Se
 TRAIN_COMMAND = "python -m fac_mini vocoder train"
 HIFIGAN_DIR = DATA_DIR / "vocoder_hifigan"
 SEGMENT_SAMPLES = 40 * VOCODER_HOP      # 0.8 s: 40 hops, 41 mel frames
-# The shipped runs (one thread): Vocos 14 000 steps of 4 segments; HiFi-GAN (5x slower per step) 600, a comparison
-# of design and speed more than a rival (it gets a tenth of the CPU time).
+# The shipped runs (one thread): Vocos 14 000 steps of 4 segments; HiFi-GAN (about 2.8x slower per step) 600, a
+# comparison of design and speed more than a rival (it gets an eighth of the Vocos's CPU time).
 VOCOS_TRAIN = TrainConfig(steps=14000, batch_size=4, lr=2e-3, warmup=200, min_lr_ratio=0.05, weight_decay=0.01,
                           seed=0, log_every=50, eval_every=1000, checkpoint_every=250)
 HIFIGAN_TRAIN = TrainConfig(steps=600, batch_size=4, lr=2e-3, warmup=100, min_lr_ratio=0.05, weight_decay=0.01,
