@@ -256,12 +256,12 @@ def resynthesize(wave, sampling_rate: int = SAMPLE_RATE, *, steps: int = 10, gui
                  detokenizer: Detokenizer | None = None):
     """Speech tokenizer -> flow -> vocoder, in the input's own voice: returns ``(wave, 16000)`` numpy float32 mono."""
     from .audio import resample
-    from .quality import _shipped_tokenizer
+    from .speech_tokenizer import shipped_speech_tokenizer
 
     array = as_mono_float(wave, allow_silent=False)
     if sampling_rate != SAMPLE_RATE:
         array = resample(array, sampling_rate, SAMPLE_RATE)
-    ids, mask = _shipped_tokenizer().encode([array], SAMPLE_RATE)
+    ids, mask = shipped_speech_tokenizer().encode([array], SAMPLE_RATE)
     detok = _shipped() if detokenizer is None else detokenizer
     return detok.wave(ids[0][mask[0]], array, steps=steps, guidance=guidance, seed=seed), SAMPLE_RATE
 

@@ -228,16 +228,6 @@ def griffin_lim(log_mel, n_iter: int = 32, seed: int | None = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Read-back: what the speech tokenizer hears
 # ----------------------------------------------------------------------------------------------------------
-_TOKENIZER = None
-
-
-def _shipped_tokenizer():
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from .speech_tokenizer import load_speech_tokenizer
-
-        _TOKENIZER = load_speech_tokenizer()
-    return _TOKENIZER
 
 
 def read_back(waves: Sequence, sampling_rate: int = SAMPLE_RATE, tokenizer=None, batch_size: int = 32) -> list[str]:
@@ -256,7 +246,10 @@ def read_back(waves: Sequence, sampling_rate: int = SAMPLE_RATE, tokenizer=None,
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     from .audio import log_mel
 
-    tokenizer = _shipped_tokenizer() if tokenizer is None else tokenizer
+    if tokenizer is None:
+        from .speech_tokenizer import shipped_speech_tokenizer
+
+        tokenizer = shipped_speech_tokenizer()
     texts: list[str] = []
     for start in range(0, len(waves), batch_size):
         batch = list(waves[start: start + batch_size])

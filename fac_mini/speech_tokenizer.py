@@ -62,6 +62,7 @@ __all__ = [
     "PAD_ID", "BLANK", "SPEECH_TOKENIZER_DIR", "TRAIN_COMMAND", "build_char_vocab", "text_to_ids",
     "ctc_greedy_decode", "num_speech_tokens", "SpeechTokenizerConfig", "SpeechTokenizer", "SpeechTokens",
     "SpeechTokenizerOutput", "features_from_waves", "pad_features", "load_speech_tokenizer",
+    "shipped_speech_tokenizer",
 ]
 
 PAD_ID = -1                     # id at padding positions of a batch (never a real code)
@@ -350,3 +351,13 @@ class SpeechTokenizer(nn.Module):
 def load_speech_tokenizer(directory=SPEECH_TOKENIZER_DIR) -> SpeechTokenizer:
     """The shipped (or another saved) speech tokenizer, in eval mode."""
     return SpeechTokenizer.from_pretrained(directory)
+
+
+_SHIPPED: dict[str, SpeechTokenizer] = {}
+
+
+def shipped_speech_tokenizer() -> SpeechTokenizer:
+    """The shipped tokenizer (``data/speech_tokenizer``), loaded once per process (read-back, resynthesis)."""
+    if "tokenizer" not in _SHIPPED:
+        _SHIPPED["tokenizer"] = load_speech_tokenizer()
+    return _SHIPPED["tokenizer"]
