@@ -13,7 +13,9 @@
   flow train|eval [...]                             the speech ids -> mel flow-matching detokenizer (data/flow)
   prealign train|eval [...]                         pre-alignment of the mini Fun-Audio-Chat, LLM frozen (data/prealign)
   cocktail train|eval [...]                         Core-Cocktail: stage 1, merge, stage 2 and baselines (data/cocktail)
+  dpo train|eval [...]                              multi-task DPO (robustness, style, voice) with LoRA (data/dpo)
   scale dry-run [--json]                            2-process FSDP2 training step over gloo vs a 1-process reference
+  chat eval [--path P] [--limit N] [--json]         the voice chat loop on held-out spoken questions (data/dpo)
 
 Recipes share one flag set (see fac_mini.train.cli): train --out --state-dir --restart --steps --threads --force;
 eval --path --json --threads --limit. A run writes under data/cache/runs/<recipe> unless it is the full shipped
@@ -110,6 +112,8 @@ DELEGATED = {
     "cocktail": {"train": ("fac_mini.train.cocktail", "main_train", False),
                  "eval": ("fac_mini.train.cocktail", "main_eval", False)},
     "scale": {"dry-run": ("fac_mini.scale.dry_run", "main_dry_run", False)},
+    "dpo": {"train": ("fac_mini.train.dpo", "main_train", False), "eval": ("fac_mini.train.dpo", "main_eval", False)},
+    "chat": {"eval": ("fac_mini.chat", "main_eval", False)},
 }
 
 

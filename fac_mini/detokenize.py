@@ -34,7 +34,8 @@ from .flow import FLOW_DIR, SPEAKERS_FILE, FlowDetokenizer, load_flow
 from .vocoder import VOCODER_DIR, load_vocoder
 
 __all__ = ["TOKEN_HOP", "PRE_LOOKAHEAD", "MAX_HISTORY_IDS", "DEFAULT_SPEAKER", "Detokenizer", "StreamingDetokenizer",
-           "speech_ids_to_wave", "resynthesize", "load_speakers", "vocoder_context_frames", "evaluate_detokenizer"]
+           "speech_ids_to_wave", "resynthesize", "load_speakers", "vocoder_context_frames", "evaluate_detokenizer",
+           "audio_chunk_steps"]
 
 TOKEN_HOP = 15            # ids per streaming hop (0.6 s), the release's TOKEN_HOP_LEN
 PRE_LOOKAHEAD = 3         # ids of look-ahead the flow needs beyond a hop, the release's PRE_LOOKAHEAD_LEN
@@ -220,6 +221,23 @@ class StreamingDetokenizer:
         chunk = self._vocode(final=True)
         self.timings.append(time.perf_counter() - arrived)
         return chunk
+
+
+def audio_chunk_steps(ids_per_step: Sequence[int], hop: int = TOKEN_HOP, lookahead: int = PRE_LOOKAHEAD) -> list[int]:
+    """The streaming schedule of :class:`StreamingDetokenizer` as a generation loop drives it (``fac_mini.chat``):
+    after which step (0-based) each audio chunk is ready, given how many speech ids each step pushed.
+
+    Chunk c needs hop·(c + 1) + lookahead ids (its hop and the flow's look-ahead beyond it), so one step can release
+    several chunks when the hop is small; after the last step, ``finish`` flushes the rest as one last chunk if any
+    id was pushed at all."""
+    steps, total = [], 0
+    for step, count in enumerate(ids_per_step):
+        total += count
+        while total >= hop * (len(steps) + 1) + lookahead:
+            steps.append(step)
+    if total:
+        steps.append(len(ids_per_step) - 1)
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------------

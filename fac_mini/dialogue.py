@@ -246,18 +246,22 @@ def example_tensors(examples: Sequence[DialogueExample], speech_tokenizer=None) 
 # ----------------------------------------------------------------------------------------------------------
 # Collation: examples -> FunAudioChat keyword inputs
 # ----------------------------------------------------------------------------------------------------------
-def prompt_text(example: DialogueExample, num_groups: int) -> str:
-    """The chat up to the assistant's reply, audio slot expanded to ``num_groups`` ``<|AUDIO|>``."""
+def prompt_text(example: DialogueExample, num_groups: int, instruction: str | None = None) -> str:
+    """The chat up to the assistant's reply, audio slot expanded to ``num_groups`` ``<|AUDIO|>``; ``instruction``
+    (a text line after the user's audio, e.g. "Answer in one word.") replaces the kind's own (asr: "Repeat what
+    you heard.", otherwise none)."""
     if example.kind not in KINDS:
         raise ValueError(f"unknown example kind {example.kind!r}; use one of {KINDS}")
     system = S2M_SYSTEM_PROMPT if example.kind == "s2m" else S2T_SYSTEM_PROMPT
-    instruction = ASR_INSTRUCTION if example.kind == "asr" else None
+    if instruction is None and example.kind == "asr":
+        instruction = ASR_INSTRUCTION
     return expand_audio_tokens(audio_chat_prompt(system, instruction), [num_groups])
 
 
 def collate_dialogue(examples: Sequence[DialogueExample], tensors: dict[str, dict[str, torch.Tensor]], tokenizer,
                      config, *, with_labels: bool = True, speech_delay: int = SPEECH_DELAY,
-                     padding_side: str = "right") -> dict[str, torch.Tensor]:
+                     padding_side: str = "right",
+                     instructions: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
     """A batch of chats as ``FunAudioChat.forward`` keyword inputs, built by the released rules.
 
     Per example: the prompt of :func:`prompt_text` (user placeholders: ``num_speech_frames(samples)`` speech pad
@@ -267,17 +271,22 @@ def collate_dialogue(examples: Sequence[DialogueExample], tensors: dict[str, dic
     ``text_ids``), and ``labels`` = the reply's ids (-100 on the prompt and padding). Audios are listed in reading
     order (user, then assistant): ``feature_exist_mask`` marks user audio, ``text_attention_mask`` the assistant's.
     Without labels the batch is a generation prompt (``padding_side="left"``, as the processor pads).
+    ``instructions``: one text line (or None) per example, written after its audio (see :func:`prompt_text`).
     """
     if not examples:
         raise ValueError("collate_dialogue needs at least one example")
+    if instructions is None:
+        instructions = [None] * len(examples)
+    elif len(instructions) != len(examples):
+        raise ValueError(f"got {len(instructions)} instructions for {len(examples)} examples; give one per example")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}; use 'left' or 'right'")
     disc = config.discrete
     sequences, label_rows, audios, mels, transcripts = [], [], [], [], []
-    for example in examples:
+    for example, instruction in zip(examples, instructions):
         samples = int(tensors["num_samples"][example.user_id][0])
         frames = num_speech_frames(samples)
-        prompt = tokenizer(prompt_text(example, num_audio_tokens(frames, disc.group_size)),
+        prompt = tokenizer(prompt_text(example, num_audio_tokens(frames, disc.group_size), instruction),
                            add_special_tokens=False)["input_ids"]
         audios.append((torch.full((frames,), disc.pad_token_id), True))
         mels.append(tensors["features"][example.user_id])

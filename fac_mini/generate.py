@@ -29,6 +29,11 @@ couples rows; these couplings are not reproduced (identical results for batch 1)
 As released, the SRH attends to the left padding of the prompt (it gets no mask), so S2M results of a padded
 row differ from its batch-1 run; S2T (no SRH) is padding-invariant. Use batch 1 for reference outputs.
 
+Streaming: ``on_step`` (optional) is called after every step, before the stop test, with a :class:`GenerationStep`
+(step index, the (B,) text ids, the (B, k) speech group or None, seconds since the call began), so that a chat loop
+can decode and play speech while the model still generates. It only observes: the outputs are the same with or
+without it, and its own run time counts in the timings of the steps that follow (one thread does both).
+
 ``sp_gen_kwargs`` (released names): ``text_greedy`` (text = raw argmax), ``only_crq_sampling`` (True: the group
 is what the SRH sampled; False: re-drawn from the SRH's 5 logits after the text token, with the speech history
 reshaped to (B·5, n/5) as released; the SRH's own samples still condition its next step), ``disable_speech``
@@ -40,7 +45,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -51,7 +56,7 @@ from .model import FunAudioChat, fuse_text_and_speech, prepare_speech_ids
 
 __all__ = [
     "DEFAULT_SP_GEN_KWARGS", "S2S_SP_GEN_KWARGS", "S2T_SP_GEN_KWARGS", "DEFAULT_S2M_GEN_KWARGS",
-    "GenerationTiming", "GenerationOutput", "prompt_embeddings", "generate",
+    "GenerationTiming", "GenerationStep", "GenerationOutput", "prompt_embeddings", "generate",
     "generate_s2t", "generate_s2m", "speech_ids_for_detokenizer", "save_speech_ids", "load_speech_ids",
 ]
 
@@ -99,6 +104,22 @@ class GenerationTiming:
         """Text tokens per second after the first one (KV-cached decoding speed; 1 step = 200 ms of speech)."""
         decode = self.total_s - self.time_to_first_token_s
         return (self.steps - 1) / decode if self.steps > 1 and decode > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """What one step of ``generate`` produced, as given to ``on_step``.
+
+    step: the step index t (0 = prefill). text_ids (B,): the text token appended at this step (pad for finished
+    rows; ``<|audio_eos|>`` where speech ended). speech_ids (B, k): the speech group appended at this step (speech
+    pad ids for rows not speaking, k speech eos ids where speech ended), None when no group was appended.
+    elapsed_s: seconds from the start of the call to the end of this step (= ``GenerationTiming.step_end_s[t]``).
+    """
+
+    step: int
+    text_ids: torch.Tensor
+    speech_ids: torch.Tensor | None
+    elapsed_s: float
 
 
 @dataclass
@@ -303,7 +324,7 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, sp_gen_kwargs: Mapping[str, Any] | None = None,
-             output_logits: bool = False) -> GenerationOutput:
+             output_logits: bool = False, on_step: Callable[[GenerationStep], Any] | None = None) -> GenerationOutput:
     """The released interleaved text/speech loop (module doc); KV caches for the LLM and the SRH.
 
     inputs: ``FunAudioChatProcessor`` output (input_ids, attention_mask left-padded, and the audio tensors).
@@ -312,6 +333,8 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
     the loop ends when every row stopped. sp_gen_kwargs: see ``DEFAULT_SP_GEN_KWARGS`` (the default here).
     generator: used for every draw; it must live on the model's device (``torch.Generator(device="cuda")``).
     output_logits: keep each step's text logits (B, V) and SRH logits (B, 5, C) (memory: V floats per step).
+    on_step: called as ``on_step(GenerationStep(...))`` after every step (streaming; see the module doc); its
+    return value is ignored and it cannot change the generation.
 
     Checked before any work (``ValueError``/``TypeError`` naming the argument): ``max_new_tokens`` an int >= 0;
     temperature, top_p, repetition_penalty finite (NaN is an error); prompt length L + ``max_new_tokens`` at most
@@ -322,6 +345,8 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
                                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if on_step is not None and not callable(on_step):
+        raise ValueError(f"on_step must be a callable taking a GenerationStep, got {type(on_step).__name__}")
     settings = _sp_gen_kwargs(sp_gen_kwargs, DEFAULT_SP_GEN_KWARGS)
     speech_on = not settings["disable_speech"]
     config, disc = model.config, model.config.discrete
@@ -402,6 +427,7 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
         # 4. the speech group
         speaking = in_speech & was_unfinished
         has_group = torch.zeros_like(has_group)
+        group = None
         if speech_on and speaking.any():
             group = group_out.tokens                                                        # (B, k)
             if not settings["only_crq_sampling"]:        # released: re-draw from the 5 SRH logits, history
@@ -423,6 +449,9 @@ def generate(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int
             text_logits.append(logits)
             speech_logits.append(None if group_out is None else group_out.logits)
         step_end.append(_elapsed(start, sequences.device))
+        if on_step is not None:
+            on_step(GenerationStep(step=step, text_ids=next_ids.clone(),
+                                   speech_ids=None if group is None else group.clone(), elapsed_s=step_end[-1]))
         if not unfinished.any():
             break
 
@@ -439,30 +468,33 @@ def generate_s2t(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, sp_gen_kwargs: Mapping[str, Any] | None = None,
-                 output_logits: bool = False) -> GenerationOutput:
+                 output_logits: bool = False,
+                 on_step: Callable[[GenerationStep], Any] | None = None) -> GenerationOutput:
     """Speech -> text: the released S2T example (``S2T_SP_GEN_KWARGS``: greedy text, speech disabled, so the SRH
-    never runs). Pass ``sp_gen_kwargs={"text_greedy": False}`` to sample text."""
+    never runs). Pass ``sp_gen_kwargs={"text_greedy": False}`` to sample text. ``on_step``: see ``generate``."""
     settings = _sp_gen_kwargs(sp_gen_kwargs, S2T_SP_GEN_KWARGS)
     if not settings["disable_speech"]:
         raise ValueError("generate_s2t produces text only; use generate_s2m for speech")
     return generate(model, inputs, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                     pad_token_id=pad_token_id, generator=generator, sp_gen_kwargs=settings,
-                    output_logits=output_logits)
+                    output_logits=output_logits, on_step=on_step)
 
 
 def generate_s2m(model: FunAudioChat, inputs: Mapping[str, Any], max_new_tokens: int = 512, *,
                  do_sample: bool = True, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.9,
                  repetition_penalty: float = 1.2, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, sp_gen_kwargs: Mapping[str, Any] | None = None,
-                 output_logits: bool = False) -> GenerationOutput:
+                 output_logits: bool = False,
+                 on_step: Callable[[GenerationStep], Any] | None = None) -> GenerationOutput:
     """Speech -> text + speech tokens. Defaults: the released ``DEFAULT_S2M_GEN_KWARGS`` sampling (T 0.8, top-p
     0.9, repetition penalty 1.2; text and SRH alike) and ``DEFAULT_SP_GEN_KWARGS`` (sampled text, forced
-    ``<|audio_bos|>``); the S2S example uses ``S2S_SP_GEN_KWARGS`` (greedy text). ``do_sample=False`` is greedy."""
+    ``<|audio_bos|>``); the S2S example uses ``S2S_SP_GEN_KWARGS`` (greedy text). ``do_sample=False`` is greedy.
+    ``on_step``: see ``generate``."""
     settings = _sp_gen_kwargs(sp_gen_kwargs, DEFAULT_SP_GEN_KWARGS)
     if settings["disable_speech"]:
         raise ValueError("generate_s2m with disable_speech=True is generate_s2t")
     return generate(model, inputs, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                     pad_token_id=pad_token_id, generator=generator, sp_gen_kwargs=settings,
-                    output_logits=output_logits)
+                    output_logits=output_logits, on_step=on_step)

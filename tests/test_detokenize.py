@@ -115,3 +115,19 @@ def test_batched_call_returns_one_wave_per_sequence(tiny):
     assert rate == 16000 and [len(w) for w in waves] == [(20 - 1) * 320, (28 - 1) * 320]
     single, _ = speech_ids_to_wave(np.array(_ids(10)), "spk01", detokenizer=tiny)
     np.testing.assert_array_equal(single, waves[0])
+
+
+def test_audio_chunk_steps_is_the_streams_own_schedule(tiny):
+    from fac_mini.detokenize import audio_chunk_steps
+
+    rng = np.random.default_rng(5)
+    for hop, lookahead in ((15, 3), (15, 5)):         # the hop is the flow's attention chunk
+        counts = [0, 0] + [int(n) for n in rng.integers(0, 7, size=16)]
+        stream = tiny.stream("spk00", hop=hop, lookahead=lookahead)
+        ids, released = _ids(sum(counts), seed=hop), []
+        for step, count in enumerate(counts):
+            pushed, ids = ids[:count], ids[count:]
+            released += [step] * len(stream.push(pushed))
+        released.append(len(counts) - 1)                                   # finish() flushes after the last step
+        assert released == audio_chunk_steps(counts, hop, lookahead)
+    assert audio_chunk_steps([0, 0]) == [] and audio_chunk_steps([18]) == [0, 0]

@@ -674,3 +674,70 @@ MISTAKES.update({
         "stage-1 state modified in place": (_merge_mistake("stage-1 state modified in place"), "in place"),
     },
 })
+
+
+def _dpo_mistake(kind):
+    import torch.nn.functional as F
+
+    def loss_fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
+        chosen = beta * (policy_chosen - reference_chosen)
+        rejected = beta * (policy_rejected - reference_rejected)
+        if kind == "rewards without beta":
+            chosen, rejected = policy_chosen - reference_chosen, policy_rejected - reference_rejected
+            margin = beta * (chosen - rejected)
+        else:
+            margin = rejected - chosen if kind == "sign flipped (rejected - chosen)" else chosen - rejected
+        if kind == "log(sigmoid(x)), which underflows":
+            losses = -torch.log(torch.sigmoid(margin))
+        elif kind == "beta outside the log-sigmoid":
+            losses = -beta * F.logsigmoid(margin / beta)
+        else:
+            losses = -F.logsigmoid(margin)
+        loss = losses.sum() if kind == "sum over pairs instead of the mean" else losses.mean()
+        return loss, chosen.detach(), rejected.detach()
+    return loss_fn
+
+
+MISTAKES.update({
+    "check_dpo_loss": {kind: _dpo_mistake(kind) for kind in (
+        "sign flipped (rejected - chosen)", "sum over pairs instead of the mean", "rewards without beta",
+        "log(sigmoid(x)), which underflows", "beta outside the log-sigmoid")},
+})
+
+
+def _chunk_steps_mistake(kind):
+    def audio_chunk_steps(ids_per_step, hop=15, lookahead=3):
+        def needed(chunk):                                                # ids chunk `chunk` (0-based) waits for
+            if kind == "no look-ahead: hop·(c + 1) ids":
+                return hop * (chunk + 1)
+            if kind == "look-ahead per chunk: (hop + lookahead)·(c + 1)":
+                return (hop + lookahead) * (chunk + 1)
+            if kind == "one hop too early: hop·c + lookahead":
+                return hop * chunk + lookahead
+            return hop * (chunk + 1) + lookahead
+        steps, total = [], 0
+        for step, count in enumerate(ids_per_step):
+            total += count
+            ready = (lambda: total > needed(len(steps))) if kind == "> instead of >=" else \
+                (lambda: total >= needed(len(steps)))
+            if kind == "at most one chunk per step (if, not while)":
+                if ready():
+                    steps.append(step)
+            else:
+                while ready():
+                    steps.append(step)
+        if kind != "no last chunk (the flush)" and (total or kind == "a last chunk even without speech") \
+                and ids_per_step:
+            steps.append(len(ids_per_step) - 1)
+        if kind == "steps numbered from 1":
+            steps = [step + 1 for step in steps]
+        return steps
+    return audio_chunk_steps
+
+
+MISTAKES.update({
+    "check_audio_chunk_steps": {kind: _chunk_steps_mistake(kind) for kind in (
+        "no look-ahead: hop·(c + 1) ids", "look-ahead per chunk: (hop + lookahead)·(c + 1)",
+        "one hop too early: hop·c + lookahead", "> instead of >=", "at most one chunk per step (if, not while)",
+        "no last chunk (the flush)", "a last chunk even without speech", "steps numbered from 1")},
+})

@@ -138,3 +138,22 @@ def test_threads_are_restored():
     before = torch.get_num_threads()
     train(ToyRecipe(), TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1), progress=False, threads=1)
     assert torch.get_num_threads() == before
+
+
+class MetricRecipe(ToyRecipe):
+    """Returns (loss, {"batch_mean": ...}): the loop must average such metrics over each log window."""
+
+    def loss(self, model, batch):
+        return super().loss(model, batch), {"first_index": float(batch[0])}
+
+
+def test_recipe_metrics_are_averaged_per_log_window_and_survive_resume(tmp_path):
+    config = TrainConfig(steps=10, batch_size=4, lr=0.05, warmup=2, log_every=5, eval_every=10, checkpoint_every=3)
+    whole = train(MetricRecipe(), config, progress=False)
+    sampler = ToySampler(64, 4, config.seed)
+    firsts = [sampler.next_batch()[0] for _ in range(10)]
+    rows = [row for row in whole.log if "loss" in row]
+    assert [row["first_index"] for row in rows] == [round(sum(firsts[:5]) / 5, 5), round(sum(firsts[5:]) / 5, 5)]
+    train(MetricRecipe(), config, state_dir=tmp_path, progress=False, stop_after=7)              # mid window
+    resumed = train(MetricRecipe(), config, state_dir=tmp_path, progress=False)
+    assert resumed.log == whole.log

@@ -731,3 +731,65 @@ def check_core_cocktail_merge(student_fn: Callable) -> None:
               hint="α·stage1 + (1 − α)·base for every name the base has (compute in float32, cast back to the "
                    "Stage-1 dtype); a copy of the Stage-1 tensor for every name it lacks (encoder, speech table, "
                    "SRH); α = 1 is the Stage-1 model, α = 0 puts M0's LLM back; never change the inputs.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notebook 12: the DPO loss
+# ----------------------------------------------------------------------------------------------------------
+def _dpo_cases() -> list[tuple]:
+    generator = torch.Generator().manual_seed(12)
+    cases = []
+    for batch, beta, scale in ((1, 0.1, 5.0), (4, 0.01, 20.0), (8, 0.5, 3.0), (3, 2.0, 1.0)):
+        cases.append(tuple(-scale * torch.rand(batch, generator=generator, dtype=torch.float64) - 1
+                           for _ in range(4)) + (beta,))
+    # a pair the policy gets badly wrong (margin -400 nats): log(sigmoid(.)) underflows to -inf here
+    cases.append((torch.tensor([-500.0, -20.0]), torch.tensor([-100.0, -25.0]), torch.tensor([-90.0, -21.0]),
+                  torch.tensor([-90.0, -24.0]), 1.0))                  # float32, as a model's log-probs are
+    return cases
+
+
+def check_dpo_loss(student_fn: Callable) -> None:
+    """Exercise 12.1: ``dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)`` ->
+    (loss, chosen_rewards, rejected_rewards), the sigmoid DPO loss with trl's conventions (``fac_mini.dpo``)."""
+    from ..dpo import dpo_loss
+
+    run_check("dpo_loss", student_fn, dpo_loss, _dpo_cases(),
+              names=("loss (mean over pairs)", "chosen_rewards", "rejected_rewards"),
+              hint="rewards are β·(policy − reference) per pair; the loss is the mean over pairs of "
+                   "−log σ(chosen_reward − rejected_reward); use F.logsigmoid (log(sigmoid(x)) is −inf for a very "
+                   "negative x).")
+
+
+__all__ += ["check_dpo_loss"]
+
+
+# --- notebook 13: the voice chat (the streaming schedule) --------------------------------------------------
+__all__ += ["check_audio_chunk_steps"]
+
+
+def _chunk_step_cases() -> list[tuple]:
+    """The chat's own pattern (prefill and two groups of delay bos ids speak nothing, then 5 ids a step, an eos step
+    at the end), counts on and one short of a threshold, no speech, a step that speaks less than 5, and small hops
+    where one step releases several chunks."""
+    chat = [0, 0, 0] + [5] * 12 + [0, 0]                                      # 60 ids: chunks after 6, 9, 12; flush
+    cases = [(chat, 15, 3), ([0, 0, 0, 5, 5, 5, 3], 15, 3),                    # exactly 18 ids at the last step
+             ([0, 0, 0, 5, 5, 5, 2], 15, 3),                                   # 17 ids: only the flush
+             ([0, 0, 0, 0], 15, 3), ([], 15, 3), ([5, 5, 5, 5, 1, 0], 15, 3),
+             ([5, 5, 5, 5, 5, 5], 2, 1), ([7, 0, 3, 9], 3, 2), ([1] * 10, 4, 4), ([5] * 9, 15, 3)]
+    rng = np.random.default_rng(13)
+    for hop, lookahead in ((15, 3), (15, 3), (5, 3), (3, 1), (10, 2), (4, 4)):
+        cases.append(([int(n) for n in rng.integers(0, 6, size=int(rng.integers(1, 40)))], hop, lookahead))
+    return cases
+
+
+def check_audio_chunk_steps(student_fn: Callable) -> None:
+    """Exercise 13.1: ``audio_chunk_steps(ids_per_step, hop, lookahead)``, the LLM step after which each streamed
+    audio chunk of a reply is ready (the streaming schedule of ``fac_mini.chat``)."""
+    from ..detokenize import audio_chunk_steps
+
+    run_check("audio_chunk_steps", student_fn, audio_chunk_steps, _chunk_step_cases(), items="chunk",
+              hint="keep a running total of the spoken ids; after step i, while the total is at least "
+                   "hop·(c + 1) + lookahead, chunk c (0-based) is ready after step i (a small hop can release "
+                   "several chunks after one step; the look-ahead is waited for once, not once per chunk). After "
+                   "the last step, if anything was spoken, one last chunk flushes the rest, at the last step's "
+                   "index; steps are numbered from 0.")

@@ -98,7 +98,7 @@ class Recipe(Protocol):
     def build_model(self) -> torch.nn.Module: ...
     def build_optimizer(self, model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer: ...
     def build_sampler(self, config: TrainConfig) -> Sampler: ...
-    def loss(self, model: torch.nn.Module, batch: list[int]) -> torch.Tensor: ...
+    def loss(self, model: torch.nn.Module, batch: list[int]) -> torch.Tensor: ...   # or (loss, {name: float})
     def fingerprint(self) -> Any: ...   # JSON-able, or bytes: everything besides TrainConfig that fixes the run
 
 
@@ -145,6 +145,8 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
     ``state_dir``: where the resumable state ``<recipe>-<run key>.pt`` is written (None: no state).
     ``stop_after``: stop after that many steps in all, as if interrupted (state saved, model returned as is).
     ``threads``: torch threads while training (restored after); bitwise reproduction needs the same count.
+    ``recipe.loss`` may return ``(loss, {name: float})``: those values are averaged over each log window and
+    logged beside the loss (e.g. DPO's reward margin and accuracy).
     """
     from tqdm.auto import tqdm
 
@@ -160,6 +162,7 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
         optimizer = recipe.build_optimizer(model, config)
         sampler = recipe.build_sampler(config)
         step, log, window, best, elapsed = 0, [], [], None, 0.0
+        extras: dict[str, list[float]] = {}                # the recipe's own training metrics of the window
         if resume and state_path is not None and state_path.is_file():
             state = torch.load(state_path, map_location="cpu", weights_only=False)
             model.load_state_dict(state["model"])
@@ -168,11 +171,13 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
             torch.set_rng_state(state["torch_rng"])
             step, log, window, best, elapsed = (state["step"], state["log"], state["window"], state["best"],
                                                 state["elapsed_s"])
+            extras = state.get("extras", {})
 
         def save_state() -> None:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
-                     "log": log, "window": window, "best": best, "elapsed_s": elapsed, "run_key": key,
+                     "log": log, "window": window, "extras": extras, "best": best, "elapsed_s": elapsed,
+                     "run_key": key,
                      "config": config.to_dict()}
             atomic_write(state_path, lambda tmp: torch.save(state, tmp))
 
@@ -185,6 +190,10 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = recipe.loss(model, batch)
+            if isinstance(loss, tuple):
+                loss, train_metrics = loss
+                for name, value in train_metrics.items():
+                    extras.setdefault(name, []).append(float(value))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -192,8 +201,9 @@ def train(recipe: Recipe, config: TrainConfig, *, state_dir: Path | str | None =
             step += 1
             window.append(loss.item())
             if step % config.log_every == 0 or step == config.steps:
-                log.append({"step": step, "loss": round(sum(window) / len(window), 5), "lr": round(lr, 8)})
-                window = []
+                log.append({"step": step, "loss": round(sum(window) / len(window), 5), "lr": round(lr, 8),
+                            **{name: round(sum(values) / len(values), 5) for name, values in extras.items()}})
+                window, extras = [], {}
                 bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
             if evaluate is not None and (step % config.eval_every == 0 or step == config.steps):
                 model.eval()
