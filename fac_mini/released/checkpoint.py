@@ -39,7 +39,7 @@ from ..train.store import atomic_directory, atomic_write_text, read_json, save_s
 from .config import build_on_meta, tied_parameter_groups
 
 __all__ = ["CONFIG_NAME", "SINGLE_FILE_NAME", "INDEX_NAME", "load_released", "save_released", "parse_size",
-           "dtype_name"]
+           "dtype_name", "recompute_buffers"]
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -218,7 +218,7 @@ class _WindowedReader:
         self.handle = None
 
 
-def _recompute_buffers(model: nn.Module, device: torch.device) -> None:
+def recompute_buffers(model: nn.Module, device: torch.device) -> None:
     """Fill the non-persistent buffers (left on the meta device) exactly as a normal construction makes them.
 
     They stay float32 whatever the weights' dtype, as transformers keeps ``inv_freq`` (a bf16 RoPE table would
@@ -359,7 +359,7 @@ def load_released(path: str | os.PathLike, dtype: torch.dtype | None = torch.flo
         primary = model.get_parameter(names[0])
         for alias in names[1:]:
             _set_parameter(model, alias, primary)
-    _recompute_buffers(model, device)
+    recompute_buffers(model, device)
     return model.eval()
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..model import FunAudioChat, FunAudioChatConfig
 from ..released import build_on_meta, load_released, save_released
-from ..released.checkpoint import _recompute_buffers
+from ..released.checkpoint import recompute_buffers
 from ..train.loop import warmup_cosine_lr
 from .packing import scored_token_counts
 
@@ -194,7 +194,7 @@ def build_model(config: FunAudioChatConfig, mesh=None, sharding: Sharding = Shar
         if mesh is not None:      # FSDP2 keeps one sharded tensor for the two names; anything else is a bug
             raise RuntimeError("fully_shard untied audio_invert_tower.lm_head from audio_tower.embed_tokens")
         srh_head.weight = speech_table.weight           # to_empty from meta makes one tensor per name: re-tie
-    _recompute_buffers(inner, device)
+    recompute_buffers(inner, device)
     if mesh is not None:
         load_full_state(model, full_state)
     else:
@@ -335,7 +335,7 @@ def export_released(model: nn.Module, config: FunAudioChatConfig, path: str | Pa
     plain.load_state_dict({name: tensor if dtype is None else tensor.to(dtype) for name, tensor in state.items()},
                           assign=True)
     plain.audio_invert_tower.lm_head.weight = plain.audio_tower.embed_tokens.weight   # re-tie (one tensor)
-    _recompute_buffers(plain, torch.device("cpu"))
+    recompute_buffers(plain, torch.device("cpu"))
     return save_released(plain, path)
 
 

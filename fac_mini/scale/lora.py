@@ -28,7 +28,7 @@ from torch import nn
 
 from ..model import FunAudioChat, FunAudioChatConfig
 from ..released import build_on_meta, save_released
-from ..released.checkpoint import _recompute_buffers
+from ..released.checkpoint import recompute_buffers
 
 __all__ = ["LORA_TARGETS", "LORA_MODULES_TO_SAVE", "lora_linear", "course_lora_config", "add_lora", "merge_lora",
            "merged_state_dict", "save_merged_released", "trainable_parameters", "lora_parameter_count"]
@@ -91,7 +91,7 @@ def merged_state_dict(config: FunAudioChatConfig, peft_state: dict[str, torch.Te
                          f"{unexpected[:5]}")
     inner = model.get_base_model()
     inner.audio_invert_tower.lm_head.weight = inner.audio_tower.embed_tokens.weight
-    _recompute_buffers(inner, torch.device("cpu"))
+    recompute_buffers(inner, torch.device("cpu"))
     return merge_lora(model).state_dict()
 
 
