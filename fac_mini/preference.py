@@ -39,7 +39,7 @@ from . import CACHE_DIR
 from .constants import SAMPLE_RATE
 from .dialogue import DialogueData, DialogueExample, answer_has_fact, collate_dialogue
 from .tts import VOICES
-from .world import ATTRIBUTES, STATEMENTS, VALUES
+from .world import ATTRIBUTES, STATEMENTS
 
 __all__ = [
     "DIMENSIONS", "DEGRADATIONS", "ONE_WORD", "FULL_SENTENCE", "VOICE_QUESTION", "HIGH_PITCH", "HELD_OUT_VOICES",
@@ -234,7 +234,7 @@ def prompt_tensors(prompts: Sequence[Prompt], base: dict[str, dict[str, torch.Te
     processor = FunAudioChatProcessor(load_tokenizer())
     features, samples = dict(base["features"]), dict(base["num_samples"])
     degraded = sorted({p.example.user_id for p in prompts if "~" in p.example.user_id})
-    for index, user_id in enumerate(tqdm(degraded, desc="degraded clips", disable=not progress)):
+    for user_id in tqdm(degraded, desc="degraded clips", disable=not progress):
         name, _, kind = user_id.partition("~")
         seed = int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16)
         wave = degrade(load_audio(audio_path(rows[name])), kind, seed)

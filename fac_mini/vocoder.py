@@ -256,14 +256,16 @@ def mel_l1_loss(predicted: torch.Tensor, target_mel: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------------------------------
 # Files and the user-facing calls
 # ----------------------------------------------------------------------------------------------------------
-def save_vocoder(model: nn.Module, directory: Path | str) -> None:
-    """``config.json`` + ``model.safetensors`` (atomic writes)."""
+def save_vocoder(model: nn.Module, directory: Path | str, dtype: torch.dtype = torch.float32) -> None:
+    """``config.json`` + ``model.safetensors`` (atomic writes; floating tensors stored in ``dtype``, loaded back as
+    float32)."""
     from .train.store import atomic_write_json, save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / "config.json", model.config.to_dict())
-    save_safetensors(model.state_dict(), directory / "model.safetensors")
+    save_safetensors({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                      for name, tensor in model.state_dict().items()}, directory / "model.safetensors")
 
 
 def load_vocoder(directory: Path | str = VOCODER_DIR) -> nn.Module:

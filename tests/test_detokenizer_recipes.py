@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from fac_mini import DATA_DIR, REPO_ROOT

@@ -2,7 +2,6 @@
 (against flow_matching's ODESolver and torchdiffeq), the Gaussian loss floor, and the detokenizer's structure."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -46,6 +46,8 @@ VOCOS_TRAIN = TrainConfig(steps=14000, batch_size=4, lr=2e-3, warmup=200, min_lr
 HIFIGAN_TRAIN = TrainConfig(steps=600, batch_size=4, lr=2e-3, warmup=100, min_lr_ratio=0.05, weight_decay=0.01,
                             seed=0, log_every=25, eval_every=250, checkpoint_every=100)
 KINDS = {"vocos": (VocosConfig, VOCOS_TRAIN, VOCODER_DIR), "hifigan": (HiFiGANConfig, HIFIGAN_TRAIN, HIFIGAN_DIR)}
+# the comparison HiFi-GAN is stored in float16 (data/'s size budget; its metrics are measured on the rounded file)
+STORE_DTYPES = {"vocos": torch.float32, "hifigan": torch.float16}
 
 
 def read_manifest(directory=VOCODER_DIR) -> dict:
@@ -235,7 +237,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     run_config = config_from_flags(args, shipped)
     result = train_vocoder(kind, run_config, state_dir=args.state_dir, resume=not args.restart, threads=args.threads)
     with atomic_directory(out) as folder:
-        save_vocoder(result.model, folder)
+        save_vocoder(result.model, folder, STORE_DTYPES[kind])
         model = load_vocoder(folder)                                   # measure exactly what is written
         with torch_threads(args.threads):
             measured = evaluate_vocoder(model, progress=True)
