@@ -148,8 +148,11 @@ def test_the_shipped_first_seed_reproduces_its_manifest_numbers():
     """dpo eval's core: the shipped adapter, measured on the shipped test clips, gives the recorded numbers (the
     style and voice prompts here, a few seconds; `dpo eval` measures everything)."""
     manifest = json.loads((D.DPO_DIR / "manifest.json").read_text())
-    prefs = D.prepare(build=False)
-    prompts = [p for p in prefs.test_prompts if p.dimension in ("style", "voice")]
+    prefs = D.prepare(build=False, dimensions=("style", "voice"))
+    prompts = prefs.test_prompts
+    assert {p.dimension for p in prompts} == {"style", "voice"}
+    with pytest.raises(ValueError, match="unknown dimensions"):
+        D.prepare(build=False, dimensions=("empathy",))
     model = D.load_dpo(D.DPO_DIR)
     scores = P.score_replies(prompts, [r[0] for r in P.generate_replies(model, prompts, prefs.tensors,
                                                                          prefs.tokenizer)])

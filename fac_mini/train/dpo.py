@@ -151,15 +151,19 @@ def _spoken_sentences(data) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return spoken, ids
 
 
-def prepare(*, progress: bool = False, build: bool = True) -> PreferenceSet:
-    """The preference data, cached in ``data/cache/preference`` under the sha256 of the base model and the dialogue
-    data. ``build=False``: the test prompts only (``pairs`` and ``reference`` empty): what ``dpo eval`` needs,
-    from the shipped test split alone."""
+def prepare(*, progress: bool = False, build: bool = True, dimensions: Sequence[str] = DIMENSIONS) -> PreferenceSet:
+    """The preference data, cached in ``data/cache/preference`` under the sha256 of the base model, the dialogue
+    data and the pair-building code. ``build=False``: the test prompts of ``dimensions`` only (``pairs`` and
+    ``reference`` empty): what ``dpo eval`` needs, from the shipped test split alone (without "robustness" no
+    degraded clip is computed, which takes most of the time)."""
+    unknown = sorted(set(dimensions) - set(DIMENSIONS))
+    if unknown:
+        raise ValueError(f"unknown dimensions {unknown}; choose from {DIMENSIONS}")
     from ..dialogue import build_dialogue, example_tensors
     from ..tokenizer import load_tokenizer
 
     data = build_dialogue()
-    test_prompts = evaluation_prompts(data)
+    test_prompts = [p for p in evaluation_prompts(data) if p.dimension in dimensions]
     import inspect
 
     from .. import preference
