@@ -13,7 +13,7 @@ log π(y|x) is the sum over the reply's text *and* speech labels (``fac_mini.dpo
 What is trained: LoRA adapters (rank 16) on every projection of the LLM, the SRH and the audio encoder, plus the
 small matching layers in full (``fac_mini.scale.lora``'s choice, with the encoder added: the voice task needs what
 the encoder hears). Two reasons for LoRA: the reference is the same network with the adapters switched off (B = 0
-at the start, so π_θ = π_ref exactly and the first loss is ln 2), and each trained model is a ~1.7 MB adapter, so
+at the start, so π_θ = π_ref exactly and the first loss is ln 2), and each trained model is a 1.2 MB float16 adapter, so
 all three seeds ship and ``dpo eval`` re-measures the spread.
 
 The recipe (``python -m fac_mini dpo train``, 400 steps per run): a β sweep at the first seed (β ∈ {0.01, 0.1}:
